@@ -1,0 +1,1 @@
+"""TeleChat as a MindSpore Cell with Ascend fused ops, trained under msrun."""

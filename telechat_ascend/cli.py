@@ -1,0 +1,119 @@
+"""The `telechat-ascend` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from telechat_ascend.checkpoint import DTYPES, find_weights
+from telechat_ascend.config import HF_KEY_PREFIX, PRESETS, TeleChatConfig
+from telechat_ascend.convert import DEFAULT_SHARD_SIZE, MINDSPORE_FORMATS, TARGETS, convert_checkpoint
+from telechat_ascend.errors import TeleChatError
+from telechat_ascend.weights import detect_hf_prefix
+
+ROPE_REPORT_LENGTHS = (4096, 8192, 16384, 32768)
+
+
+def model_info(preset_or_folder: str) -> dict:
+    """What `info` prints: sizes, tying, key style and the RoPE base the published NTK rule gives per length."""
+    config = TeleChatConfig.load(preset_or_folder)
+    key_style = "transformer.-prefixed" if config.hf_key_prefix else "unprefixed"
+    weights_format = None
+    if Path(preset_or_folder).is_dir():
+        try:
+            weights = find_weights(preset_or_folder)
+        except TeleChatError:
+            weights = None  # a folder with only config.json is still worth describing
+        if weights is not None:
+            weights_format = weights.format
+            if weights.is_mindspore:
+                key_style = "mindspore"
+            else:
+                key_style = "transformer.-prefixed" if detect_hf_prefix(weights.names()) == HF_KEY_PREFIX \
+                    else "unprefixed"
+    rope = {str(n): dict(zip(("base", "mscale"), config.rope_scaling(n))) for n in ROPE_REPORT_LENGTHS}
+    return {
+        "parameters": config.num_parameters(),
+        "layers": config.n_layer,
+        "hidden": config.hidden_size,
+        "heads": config.n_head,
+        "head_dim": config.head_dim,
+        "kv_heads": config.kv_heads,
+        "ffn_hidden": config.ffn_hidden_size,
+        "vocab": config.vocab_size,
+        "tied": config.tied,
+        "key_style": key_style,
+        "weights_format": weights_format,
+        "rope_base_seqlen": config.rope_base_seqlen,
+        "rope": rope,
+    }
+
+
+def _init(args: argparse.Namespace) -> None:
+    from telechat_ascend.initialize import init_checkpoint  # trains a tokenizer for tiny presets: load on demand
+    out = init_checkpoint(args.preset, args.out, seed=args.seed, dtype=args.dtype, force=args.force,
+                          max_shard_size=args.max_shard_size, progress=not args.quiet)
+    print(f"wrote {args.preset} checkpoint (seed {args.seed}, {args.dtype}) to {out}")
+
+
+def _info(args: argparse.Namespace) -> None:
+    print(json.dumps(model_info(args.model), indent=2))
+
+
+def _convert(args: argparse.Namespace) -> None:
+    report = convert_checkpoint(args.src, args.dst, to=args.to, dtype=args.dtype, fmt=args.format, force=args.force,
+                                max_shard_size=args.max_shard_size, progress=not args.quiet)
+    print(f"converted {report.tensors} tensors ({report.bytes / 1e9:.3f} GB) to {args.to} in {report.output}; "
+          f"copied {', '.join(report.side_files) or 'no side files'}")
+    if report.skipped_training_state:
+        print(f"dropped {len(report.skipped_training_state)} training-state entries (optimizer moments, step "
+              f"counters), e.g. {report.skipped_training_state[0]}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="telechat-ascend",
+                                     description="Train and serve TeleChat on Ascend NPUs (MindSpore and torch-npu).")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    init = commands.add_parser("init", help="write a randomly initialised HF-format checkpoint")
+    init.add_argument("--preset", required=True, choices=list(PRESETS))
+    init.add_argument("--out", required=True, type=Path)
+    init.add_argument("--seed", type=int, default=0)
+    init.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    init.add_argument("--max-shard-size", default=DEFAULT_SHARD_SIZE)
+    init.add_argument("--force", action="store_true", help="replace an existing output folder")
+    init.add_argument("--quiet", action="store_true", help="no progress bar")
+    init.set_defaults(run=_init)
+
+    info = commands.add_parser("info", help="describe a model folder or preset as JSON")
+    info.add_argument("model", help=f"a model folder or one of {', '.join(PRESETS)}")
+    info.set_defaults(run=_info)
+
+    convert = commands.add_parser("convert", help="convert weights between HF and MindSpore layouts")
+    convert.add_argument("--to", required=True, choices=TARGETS)
+    convert.add_argument("src", type=Path)
+    convert.add_argument("dst", type=Path)
+    convert.add_argument("--dtype", choices=list(DTYPES), default=None, help="cast floating tensors (default: keep)")
+    convert.add_argument("--format", choices=MINDSPORE_FORMATS, default="ckpt",
+                         help="MindSpore output format (with --to mindspore)")
+    convert.add_argument("--max-shard-size", default=DEFAULT_SHARD_SIZE, help="safetensors shard size, e.g. 2GB")
+    convert.add_argument("--force", action="store_true", help="replace an existing output folder")
+    convert.add_argument("--quiet", action="store_true", help="no progress bar")
+    convert.set_defaults(run=_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except TeleChatError as error:
+        print(f"telechat-ascend {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
