@@ -72,6 +72,47 @@ def _convert(args: argparse.Namespace) -> None:
               f"counters), e.g. {report.skipped_training_state[0]}")
 
 
+def _torch_backend(args: argparse.Namespace):
+    try:
+        from pytorch_npu import inference
+    except ImportError as error:
+        raise TeleChatError(f"--backend torch needs torch and transformers (pip install 'telechat-ascend[torch]'): "
+                            f"{error}") from None
+    model, tokenizer = inference.load_model(args.model, args.device, args.dtype)
+    return inference, model, tokenizer
+
+
+def _generation_kwargs(args: argparse.Namespace) -> dict:
+    """Only what was given: the rest comes from the model's generation_config.json."""
+    names = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty")
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
+def _generate(args: argparse.Namespace) -> None:
+    inference, model, tokenizer = _torch_backend(args)
+    print(inference.generate_text(model, tokenizer, args.prompt, **_generation_kwargs(args)))
+
+
+def _chat(args: argparse.Namespace) -> None:
+    inference, model, tokenizer = _torch_backend(args)
+    questions = args.question or (line.strip() for line in sys.stdin if line.strip())
+    inference.chat_session(model, tokenizer, questions, **_generation_kwargs(args))
+
+
+def _add_inference_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend", choices=["torch"], default="torch")
+    parser.add_argument("--model", required=True, type=Path, help="a TeleChat model folder")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda[:N], npu[:N] or auto")
+    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
+                        help="default: the chip's preferred dtype")
+    parser.add_argument("--max-new-tokens", type=int, default=None)
+    parser.add_argument("--do-sample", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--temperature", type=float, default=None)
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--repetition-penalty", type=float, default=None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="telechat-ascend",
                                      description="Train and serve TeleChat on Ascend NPUs (MindSpore and torch-npu).")
@@ -102,6 +143,17 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--force", action="store_true", help="replace an existing output folder")
     convert.add_argument("--quiet", action="store_true", help="no progress bar")
     convert.set_defaults(run=_convert)
+
+    generate = commands.add_parser("generate", help="continue a text with a model")
+    _add_inference_arguments(generate)
+    generate.add_argument("--prompt", required=True)
+    generate.set_defaults(run=_generate)
+
+    chat = commands.add_parser("chat", help="chat with a model, streaming the answers")
+    _add_inference_arguments(chat)
+    chat.add_argument("--question", action="append",
+                      help="a question (repeat for a multi-turn chat); default: one question per stdin line")
+    chat.set_defaults(run=_chat)
     return parser
 
 

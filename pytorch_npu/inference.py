@@ -1,0 +1,44 @@
+"""Loading a TeleChat folder for inference and the `generate` / `chat` commands of the CLI (--backend torch)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from pytorch_npu.device import resolve_device, resolve_dtype
+from pytorch_npu.modeling_telechat import TelechatForCausalLM
+from telechat_ascend.config import TeleChatConfig
+from telechat_ascend.tokenizer import TeleChatTokenizer
+
+
+def load_model(folder: str | Path, device: str = "cpu", dtype: str | None = None):
+    """(model, tokenizer) on the resolved device, in the dtype the chip allows (see device.resolve_dtype)."""
+    TeleChatConfig.from_file(folder)  # a clear error for a folder that is not TeleChat, before transformers runs
+    tokenizer = TeleChatTokenizer.from_pretrained(folder)
+    target = resolve_device(device)
+    model = TelechatForCausalLM.from_pretrained(folder, dtype=resolve_dtype(target, dtype)).to(target).eval()
+    return model, tokenizer
+
+
+def generate_text(model, tokenizer: TeleChatTokenizer, prompt: str, **generate_kwargs) -> str:
+    """Raw continuation of `prompt` (no chat markers)."""
+    ids = torch.tensor([tokenizer.encode(prompt)], device=model.device)
+    with torch.no_grad():
+        output = model.generate(ids, attention_mask=torch.ones_like(ids), eos_token_id=tokenizer.eos_id,
+                                pad_token_id=tokenizer.pad_id, **generate_kwargs)
+    return tokenizer.decode([i for i in output[0, ids.shape[1]:].tolist() if i != tokenizer.eos_id])
+
+
+def chat_session(model, tokenizer: TeleChatTokenizer, questions, out=sys.stdout, **generate_kwargs) -> list[dict]:
+    """Answers each question in turn, streaming the text, keeping the history between turns."""
+    history: list[dict] = []
+    for question in questions:
+        printed = 0
+        for answer, history in model.chat(tokenizer, question, history, stream=True, **generate_kwargs):
+            out.write(answer[printed:])
+            out.flush()
+            printed = len(answer)
+        out.write("\n")
+    return history

@@ -1,0 +1,227 @@
+"""TeleChat (1B / 7B / 12B / 12B-V2) as a transformers model, with torch-npu fused ops chosen by device (ops.py).
+
+The math is the published TeleChat forward: pre-norm blocks with RMSNorm (fp32 statistics), one fused `key_value`
+projection whose rows are interleaved per head ([K_0; V_0; K_1; V_1; ...]), rotate_half RoPE with the NTK-aware base
+and mscale, biases on `dense` and `down_proj` only, a SwiGLU MLP, and dropout after each residual branch.
+
+Two deliberate departures, both invisible below 8192 tokens: positions come from `position_ids` (so left-padded
+batches and decoding past position 8191 are right, where the published code slices a fixed 8192-row table), and the
+NTK regime is chosen from the whole sequence (cache included) rather than from the current call alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from pytorch_npu import ops
+from pytorch_npu.chat import chat
+from pytorch_npu.configuration_telechat import TelechatConfig
+
+
+class TelechatRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.rms_norm(x, self.weight, self.eps)
+
+
+class TelechatRotaryEmbedding(nn.Module):
+    """cos/sin [B, S, 1, D] for the given positions, duplicated halves ([θ, θ]) as rotate_half expects."""
+
+    def __init__(self, config: TelechatConfig):
+        super().__init__()
+        self.core = config.telechat
+        self.fp16_tables = config.rope_fp16_tables
+
+    def forward(self, position_ids: torch.Tensor, total_length: int, dtype: torch.dtype):
+        base, mscale = self.core.rope_scaling(total_length)
+        dim = self.core.head_dim
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, device=position_ids.device).float() / dim))
+        freqs = position_ids.float()[..., None] * inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
+        cos, sin = emb.cos(), emb.sin()
+        if self.fp16_tables:
+            cos, sin = cos.half(), sin.half()
+        return (mscale * cos).to(dtype), (mscale * sin).to(dtype)
+
+
+class TelechatAttention(nn.Module):
+    def __init__(self, config: TelechatConfig, layer_idx: int):
+        super().__init__()
+        core = config.telechat
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = core.n_head, core.kv_heads, core.head_dim
+        self.query = nn.Linear(core.hidden_size, core.hidden_size, bias=False)
+        self.key_value = nn.Linear(core.hidden_size, 2 * self.num_kv_heads * self.head_dim, bias=False)
+        self.dense = nn.Linear(core.hidden_size, core.hidden_size, bias=True)
+        self.attention_dropout = core.attention_dropout
+
+    def forward(self, x, cos, sin, mask, cache: Cache | None):
+        batch, length, _ = x.shape
+        q = self.query(x).view(batch, length, self.num_heads, self.head_dim)
+        # Per-head interleaved rows: each KV head's 2·head_dim outputs are its K then its V.
+        k, v = self.key_value(x).view(batch, length, self.num_kv_heads, 2 * self.head_dim).chunk(2, dim=-1)
+        q, k = ops.rotary(q, cos, sin), ops.rotary(k, cos, sin)
+        if cache is not None:  # the cache stores [B, N, S, D]
+            k, v = cache.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx)
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
+        dropout = self.attention_dropout if self.training else 0.0
+        # Causal over absolute positions: with a cache the new queries come last (bottom-right aligned).
+        context = ops.attention(q, k, v, mask, scale=self.head_dim ** -0.5, dropout_p=dropout, causal=True)
+        return self.dense(context)
+
+
+class TelechatMLP(nn.Module):
+    def __init__(self, config: TelechatConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.ffn_hidden_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.ffn_hidden_size, bias=False)
+        self.down_proj = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(ops.swiglu(torch.cat([self.gate_proj(x), self.up_proj(x)], dim=-1)))
+
+
+class TelechatBlock(GradientCheckpointingLayer):
+    def __init__(self, config: TelechatConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = TelechatRMSNorm(config.hidden_size, config.layer_norm_epsilon)
+        self.self_attention = TelechatAttention(config, layer_idx)
+        self.post_attention_layernorm = TelechatRMSNorm(config.hidden_size, config.layer_norm_epsilon)
+        self.mlp = TelechatMLP(config)
+        self.hidden_dropout = config.hidden_dropout
+
+    def forward(self, x, cos, sin, mask, cache=None):
+        attention = self.self_attention(self.input_layernorm(x), cos, sin, mask, cache)
+        x = x + F.dropout(attention, self.hidden_dropout, self.training)
+        mlp = self.mlp(self.post_attention_layernorm(x))
+        return x + F.dropout(mlp, self.hidden_dropout, self.training)
+
+
+class TelechatPreTrainedModel(PreTrainedModel):
+    config_class = TelechatConfig
+    base_model_prefix = "transformer"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["TelechatBlock"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            module.weight.data.normal_(0.0, std)
+            if module.bias is not None:
+                module.bias.data.zero_()
+        elif isinstance(module, nn.Embedding):
+            module.weight.data.normal_(0.0, std)
+        elif isinstance(module, TelechatRMSNorm):
+            module.weight.data.fill_(1.0)
+
+
+class TelechatModel(TelechatPreTrainedModel):
+    def __init__(self, config: TelechatConfig):
+        super().__init__(config)
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.h = nn.ModuleList(TelechatBlock(config, i) for i in range(config.n_layer))
+        self.ln_f = TelechatRMSNorm(config.hidden_size, config.layer_norm_epsilon)
+        self.rotary_emb = TelechatRotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.word_embeddings
+
+    def set_input_embeddings(self, embeddings: nn.Embedding) -> None:
+        self.word_embeddings = embeddings
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, use_cache=None, **kwargs) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        x = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
+        batch, length = x.shape[:2]
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if self.gradient_checkpointing and self.training:
+            use_cache = False
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        total = past + length
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, total, dtype=torch.bool, device=x.device)
+        if position_ids is None:
+            # Left padding: a row's first real token is position 0, as generate() numbers it.
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
+        cos, sin = self.rotary_emb(position_ids, total, x.dtype)
+        mask = _padding_mask(attention_mask, total)
+        for block in self.h:
+            x = block(x, cos, sin, mask, past_key_values if use_cache else None)
+        return BaseModelOutputWithPast(last_hidden_state=self.ln_f(x),
+                                       past_key_values=past_key_values if use_cache else None)
+
+
+def _padding_mask(attention_mask: torch.Tensor, total: int) -> torch.Tensor | None:
+    """Bool [B, 1, 1, total], True at padding keys; None without padding, so kernels can take their fast path."""
+    if attention_mask.shape[1] != total:
+        raise ValueError(f"attention_mask covers {attention_mask.shape[1]} positions, but cache and input hold {total}")
+    keys = attention_mask.to(torch.bool)
+    return None if bool(keys.all()) else ~keys[:, None, None, :]
+
+
+class TelechatForCausalLM(TelechatPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = ["lm_head.weight"]
+
+    def __init__(self, config: TelechatConfig):
+        super().__init__(config)
+        self.transformer = TelechatModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def chat(self, tokenizer, question: str, history: list[dict] | None = None, generation_config=None,
+             stream: bool = False, **generate_kwargs):
+        """(answer, history) as the published chat() returns them; see pytorch_npu.chat."""
+        return chat(self, tokenizer, question, history, generation_config, stream, **generate_kwargs)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """As transformers does, except that generation_config.json is written as it is: the published files set
+        temperature, top_k and top_p beside do_sample=false (they apply once sampling is turned on), a mix that
+        transformers refuses to save."""
+        generation_config, self.generation_config = self.generation_config, GenerationConfig()
+        try:
+            super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            self.generation_config = generation_config
+        if kwargs.get("is_main_process", True):
+            generation_config.to_json_file(Path(save_directory) / "generation_config.json")
+
+    def set_output_embeddings(self, embeddings: nn.Linear) -> None:
+        self.lm_head = embeddings
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, loss_mask=None, use_cache=None, logits_to_keep: int = 0,
+                **kwargs) -> CausalLMOutputWithPast:
+        """`labels` as in transformers (shifted inside, -100 ignored); `loss_mask` (1 = counts) zeroes further
+        positions of `labels`, for SFT data that marks answers with a mask rather than with -100."""
+        out = self.transformer(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache)
+        hidden = out.last_hidden_state
+        logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+        loss = None
+        if labels is not None:
+            if loss_mask is not None:
+                labels = labels.masked_fill(~loss_mask.to(torch.bool), -100)
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)

@@ -1,0 +1,130 @@
+"""Generation, chat and the generate/chat CLI of the PyTorch backend, on a tiny model from `telechat-ascend init`."""
+
+import pytest
+import torch
+
+import pytorch_npu  # noqa: F401
+from pytorch_npu import TelechatForCausalLM
+from pytorch_npu.chat import TextChunkStreamer
+from telechat_ascend.cli import main
+from telechat_ascend.initialize import init_checkpoint
+from telechat_ascend.tokenizer import TeleChatTokenizer, render_chat
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return init_checkpoint("tiny", tmp_path_factory.mktemp("gen") / "tiny", seed=5)
+
+
+@pytest.fixture(scope="module")
+def model(folder):
+    return TelechatForCausalLM.from_pretrained(folder).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(folder):
+    return TeleChatTokenizer.from_pretrained(folder)
+
+
+def greedy_by_recomputation(model, ids, steps):
+    """argmax of a full forward over everything so far, no cache: what cached decoding must reproduce."""
+    ids = list(ids)
+    for _ in range(steps):
+        with torch.no_grad():
+            logits = model(torch.tensor([ids]), use_cache=False).logits[0, -1]
+        ids.append(int(logits.argmax()))
+    return ids
+
+
+def test_cached_greedy_generation_equals_recomputation(model):
+    prompt = [20, 300, 301, 302, 21]
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, repetition_penalty=1.0,
+                             eos_token_id=None, min_new_tokens=12)
+    assert out[0].tolist() == greedy_by_recomputation(model, prompt, 12)
+
+
+def test_left_padded_batch_generates_like_each_prompt_alone(model):
+    prompts = [[20, 300, 301, 302, 303, 304, 21], [20, 500, 21], [20, 700, 701, 21]]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[3] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    settings = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, repetition_penalty=1.0, eos_token_id=None,
+                    pad_token_id=3)
+    with torch.no_grad():
+        batched = model.generate(ids, attention_mask=mask, **settings)
+        for row, prompt in enumerate(prompts):
+            alone = model.generate(torch.tensor([prompt]), **settings)
+            assert batched[row, width:].tolist() == alone[0, len(prompt):].tolist()
+
+
+def test_sampling_with_top_k_1_is_greedy_and_seeded_sampling_repeats(model):
+    prompt = torch.tensor([[20, 400, 401, 21]])
+    common = dict(max_new_tokens=10, min_new_tokens=10, eos_token_id=None, repetition_penalty=1.0)
+    with torch.no_grad():
+        greedy = model.generate(prompt, do_sample=False, **common)
+        top1 = model.generate(prompt, do_sample=True, top_k=1, temperature=0.7, **common)
+        torch.manual_seed(1)
+        first = model.generate(prompt, do_sample=True, top_k=50, top_p=0.9, temperature=1.5, **common)
+        torch.manual_seed(1)
+        second = model.generate(prompt, do_sample=True, top_k=50, top_p=0.9, temperature=1.5, **common)
+    assert torch.equal(greedy, top1)
+    assert torch.equal(first, second)
+
+
+def test_generation_config_comes_from_the_model_folder(model):
+    config = model.generation_config
+    assert (config.repetition_penalty, config.top_k, config.top_p, config.temperature) == (1.01, 5, 0.85, 0.3)
+    assert config.do_sample is False
+
+
+def test_chat_returns_the_published_answer_and_history(model, tokenizer):
+    history = [{"role": "user", "content": "你好"}, {"role": "bot", "content": "你好！"}]
+    answer, new_history = model.chat(tokenizer, "今天天气怎么样？", history, max_new_tokens=6)
+    prompt = render_chat(tokenizer, "今天天气怎么样？", history, max_length=model.config.seq_length - 6)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=6, eos_token_id=tokenizer.eos_id)
+    expected = tokenizer.decode([i for i in out[0, len(prompt):].tolist() if i != tokenizer.eos_id])
+    assert answer == expected
+    assert new_history == history + [{"role": "user", "content": "今天天气怎么样？"},
+                                     {"role": "bot", "content": answer}]
+
+
+def test_streamed_chat_ends_with_the_same_answer(model, tokenizer):
+    answer, history = model.chat(tokenizer, "Hello", max_new_tokens=8)
+    steps = list(model.chat(tokenizer, "Hello", stream=True, max_new_tokens=8))
+    assert steps[-1] == (answer, history)
+    assert all(answer.startswith(text) for text, _ in steps)
+
+
+def test_streamer_never_splits_a_utf8_character(tokenizer):
+    text = "天气🙂好"  # the emoji is not in the tiny vocabulary: it falls back to four byte pieces
+    ids = tokenizer.encode(text)
+    assert len(ids) > 4
+    streamer = TextChunkStreamer(tokenizer, stop_ids={tokenizer.eos_id})
+    streamer.put(torch.tensor([[20]]))  # the prompt
+    for i in ids + [tokenizer.eos_id]:
+        streamer.put(torch.tensor([i]))
+    streamer.end()
+    pieces = list(streamer)
+    assert all("\ufffd" not in piece for piece in pieces)
+    assert "".join(pieces) == tokenizer.decode(ids)
+
+
+def test_cli_generate_and_chat(folder, capsys):
+    assert main(["generate", "--model", str(folder), "--prompt", "今天", "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.strip() != ""
+    assert main(["chat", "--model", str(folder), "--question", "你好", "--question", "Hi", "--max-new-tokens",
+                 "4"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2
+
+
+def test_cli_refuses_an_npu_it_cannot_load(folder, capsys):
+    assert main(["generate", "--model", str(folder), "--prompt", "x", "--device", "npu"]) == 1
+    assert "torch-npu" in capsys.readouterr().err
+
+
+def test_cli_refuses_a_folder_that_is_not_telechat(tmp_path, capsys):
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "x"]) == 1
+    assert "'model_type' is 'llama'" in capsys.readouterr().err
