@@ -5,7 +5,7 @@ import sys
 
 import numpy as np
 import pytest
-from safetensors_folder import load_safetensors_folder as load
+from checkpoint_files import load_safetensors_folder as load
 
 from telechat_ascend.cli import main
 

@@ -7,7 +7,7 @@ import mindspore
 import numpy as np
 import pytest
 import torch
-from safetensors_folder import load_safetensors_folder
+from checkpoint_files import load_safetensors_folder, write_bin_shards
 
 from telechat_ascend import TeleChatError, convert_checkpoint
 from telechat_ascend.cli import main
@@ -137,23 +137,6 @@ def test_reads_checkpoints_written_by_mindspore(tmp_path):
     assert set(read) == {"a", "b"}
     for name, array in weights.items():
         np.testing.assert_array_equal(read[name], array)
-
-
-def write_bin_shards(source, folder, dtype):
-    """A published-style pytorch_model-0000i-of-0000N.bin folder with index, written by torch.save."""
-    folder.mkdir()
-    tensors = load_safetensors_folder(source)
-    names = list(tensors)
-    halves = [names[: len(names) // 2], names[len(names) // 2:]]
-    weight_map = {}
-    for number, part in enumerate(halves, start=1):
-        file_name = f"pytorch_model-{number:05d}-of-00002.bin"
-        torch.save({n: torch.from_numpy(tensors[n]).to(dtype) for n in part}, folder / file_name)
-        weight_map.update(dict.fromkeys(part, file_name))
-    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    for side_file in ("config.json", "generation_config.json"):
-        shutil.copy(source / side_file, folder / side_file)
-    return {n: torch.from_numpy(t).to(dtype) for n, t in tensors.items()}
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM
 
 import pytorch_npu  # noqa: F401  (registers model_type "telechat")
 from pytorch_npu import TelechatConfig, TelechatForCausalLM
+from checkpoint_files import write_bin_shards
 from telechat_ascend.initialize import init_checkpoint
 
 # Small enough for a per-position float64 loop, with weights large enough that rounding differences show.
@@ -221,3 +222,14 @@ def test_decoding_past_the_training_length():
             steps.append(out.logits[0, -1])
     assert model.config.telechat.rope_scaling(30)[0] > model.config.telechat.rope_scaling(16)[0]  # the regime moves
     assert (torch.stack(steps).double() - expected).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_auto_model_loads_sharded_bin_and_sharded_safetensors(tmp_path, dtype):
+    sharded = init_checkpoint("tiny", tmp_path / "sharded", seed=4, max_shard_size="2MB")
+    write_bin_shards(sharded, tmp_path / "bin", dtype)
+    from_safetensors = AutoModelForCausalLM.from_pretrained(sharded, dtype=dtype)
+    from_bin = AutoModelForCausalLM.from_pretrained(tmp_path / "bin", dtype=dtype)
+    for name, tensor in from_safetensors.state_dict().items():
+        assert torch.equal(tensor, from_bin.state_dict()[name]), name
+    assert len(list(sharded.glob("model-*.safetensors"))) > 1
