@@ -50,49 +50,60 @@ def convert_checkpoint(src: str | Path, dst: str | Path, to: str, dtype: str | N
     to="hf": HF names (the source's key prefix when it is HF, else the prefix the config's release uses), as sharded
     safetensors; this also turns pytorch .bin folders into safetensors.
     """
-    if to not in TARGETS:
-        raise TeleChatError(f"unknown target {to!r}; choose one of {', '.join(TARGETS)}")
     if fmt not in MINDSPORE_FORMATS:
         raise TeleChatError(f"unknown format {fmt!r}; choose one of {', '.join(MINDSPORE_FORMATS)}")
-    if dtype is not None and dtype not in DTYPES:
-        raise TeleChatError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    src = Path(src)
-    if not src.exists():
-        raise TeleChatError(f"{src}: no such file or folder")
-    src_folder = src if src.is_dir() else src.parent
-    config = TeleChatConfig.from_file(src_folder)
-    weights = find_weights(src)
-    plan = _name_plan(config, weights.is_mindspore, weights.names(), str(src), to)
     shard_bytes = parse_size(max_shard_size)
-
+    conversion = ConvertedTensors(src, to, dtype)
     report = ConversionReport(output=Path(dst))
     with atomic_output_dir(dst, force) as out:
-        if to == "mindspore":
-            writer = mindspore_writer(out, fmt, shard_bytes)
-        else:
-            writer = hf_writer(out, shard_bytes)
+        writer = mindspore_writer(out, fmt, shard_bytes) if to == "mindspore" else hf_writer(out, shard_bytes)
+        for name, array in tqdm(conversion, total=len(conversion.plan), unit="tensor", disable=not progress,
+                                desc=f"convert to {to}"):
+            writer.add(name, array)
+            report.tensors += 1
+            report.bytes += array.nbytes
+        writer.close()
+        report.skipped_training_state = conversion.skipped_training_state
+        report.side_files = copy_side_files(conversion.folder, out)
+    return report
+
+
+class ConvertedTensors:
+    """The tensors of the TeleChat checkpoint `src` under the names of `to` ("mindspore" or "hf"), cast to `dtype`,
+    one at a time, each checked against config.json; iterating to the end also checks that none is missing. The
+    converter writes them to disk; the MindSpore backend loads an HF folder through them."""
+
+    def __init__(self, src: str | Path, to: str, dtype: str | None = None):
+        if to not in TARGETS:
+            raise TeleChatError(f"unknown target {to!r}; choose one of {', '.join(TARGETS)}")
+        if dtype is not None and dtype not in DTYPES:
+            raise TeleChatError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        self.src = Path(src)
+        if not self.src.exists():
+            raise TeleChatError(f"{self.src}: no such file or folder")
+        self.folder = self.src if self.src.is_dir() else self.src.parent
+        self.config = TeleChatConfig.from_file(self.folder)
+        self.weights = find_weights(self.src)
+        self.plan = _name_plan(self.config, self.weights.is_mindspore, self.weights.names(), str(self.src), to)
+        self.dtype = DTYPES[dtype] if dtype else None
+        self.skipped_training_state: list[str] = []
+
+    def __iter__(self):
         seen: set[str] = set()
-        for path, name, array in tqdm(weights.tensors(), total=len(plan), unit="tensor", disable=not progress,
-                                      desc=f"convert to {to}"):
-            if name not in plan:
-                if weights.is_mindspore and _TRAINING_STATE.fullmatch(name):
-                    report.skipped_training_state.append(name)
+        for path, name, array in self.weights.tensors():
+            if name not in self.plan:
+                if self.weights.is_mindspore and _TRAINING_STATE.fullmatch(name):
+                    self.skipped_training_state.append(name)
                     continue
                 raise TeleChatError(f"{path}: unexpected tensor {name} (not part of a TeleChat model with this "
                                     f"config.json)")
             if name in seen:
                 raise TeleChatError(f"{path}: tensor {name} appears twice")
             seen.add(name)
-            spec, out_name = plan[name]
+            spec, out_name = self.plan[name]
             check_shape(name, array.shape, spec.shape, str(path))
-            array = cast(array, DTYPES[dtype] if dtype else None)
-            writer.add(out_name, array)
-            report.tensors += 1
-            report.bytes += array.nbytes
-        check_names(list(seen), list(plan), str(src))
-        writer.close()
-        report.side_files = copy_side_files(src_folder, out)
-    return report
+            yield out_name, cast(array, self.dtype)
+        check_names(list(seen), list(self.plan), str(self.src))
 
 
 def _name_plan(config: TeleChatConfig, from_mindspore: bool, names: list[str] | None, source: str,

@@ -101,7 +101,7 @@ def test_streamer_never_splits_a_utf8_character(tokenizer):
     text = "天气🙂好"  # the emoji is not in the tiny vocabulary: it falls back to four byte pieces
     ids = tokenizer.encode(text)
     assert len(ids) > 4
-    streamer = TextChunkStreamer(tokenizer, stop_ids={tokenizer.eos_id})
+    streamer = TextChunkStreamer(tokenizer, skip_ids={tokenizer.eos_id})
     streamer.put(torch.tensor([[20]]))  # the prompt
     for i in ids + [tokenizer.eos_id]:
         streamer.put(torch.tensor([i]))

@@ -1,0 +1,108 @@
+"""Generation with a KV cache for the MindSpore model: a prefill over the (left-padded) prompts, then one token per
+step. Logits are processed on the host exactly as transformers does (repetition penalty over every id of the row,
+then temperature, top-k and top-p when sampling), so greedy decoding gives the PyTorch backend's tokens."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+
+from mindspore import Tensor
+
+from mindspore_impl.model import TelechatForCausalLM, default_position_ids
+from telechat_ascend.chat import IncrementalDecoder, chat_prompt, extend_history
+from telechat_ascend.errors import TeleChatError
+from telechat_ascend.tokenizer import TeleChatTokenizer
+
+
+def process_logits(logits: np.ndarray, rows: np.ndarray, do_sample: bool, temperature: float, top_k: int,
+                   top_p: float, repetition_penalty: float) -> np.ndarray:
+    """float32 scores [B, V] after transformers' processors, -inf where a token is filtered out."""
+    scores = logits.astype(np.float32).copy()
+    if repetition_penalty != 1.0:
+        for scores_row, ids in zip(scores, rows):
+            seen = scores_row[ids]
+            scores_row[ids] = np.where(seen < 0, seen * repetition_penalty, seen / repetition_penalty)
+    if not do_sample:
+        return scores
+    if temperature != 1.0:
+        scores = scores / temperature
+    if top_k:
+        kth = np.sort(scores, axis=-1)[:, -min(top_k, scores.shape[-1])][:, None]
+        scores = np.where(scores < kth, -np.inf, scores)
+    if top_p < 1.0:  # drop the low tail whose total probability is at most 1 - top_p
+        order = np.argsort(scores, axis=-1, kind="stable")
+        ascending = np.take_along_axis(scores, order, -1)
+        probs = np.exp(ascending - ascending.max(-1, keepdims=True))
+        tail = np.cumsum(probs / probs.sum(-1, keepdims=True), axis=-1) <= 1 - top_p
+        tail[:, -1] = False  # keep at least one token
+        remove = np.empty_like(tail)
+        np.put_along_axis(remove, order, tail, -1)
+        scores = np.where(remove, -np.inf, scores)
+    return scores
+
+
+def generate(model: TelechatForCausalLM, prompts: list[list[int]], max_new_tokens: int, eos_id: int | None,
+             pad_id: int, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             repetition_penalty: float = 1.0, seed: int = 0) -> Iterator[np.ndarray]:
+    """Yields the next token of every row ([B] ids) step by step; a finished row (eos seen) yields pad_id."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise TeleChatError("generate: every prompt needs at least one token")
+    width = max(map(len, prompts))
+    rows = np.array([[pad_id] * (width - len(p)) + list(p) for p in prompts], dtype=np.int32)
+    segments = np.array([[0] * (width - len(p)) + [1] * len(p) for p in prompts], dtype=np.int32)
+    positions = default_position_ids(segments)
+    rng = np.random.default_rng(seed)
+    model.set_train(False)
+    past = [(None, None)] * model.config.n_layer
+    step_ids, step_positions = rows, positions
+    finished = np.zeros(len(prompts), dtype=bool)
+    for _ in range(max_new_tokens):
+        cos, sin = model.rope(step_positions, segments.shape[1])
+        logits, past = model.decode(Tensor(step_ids), cos, sin, Tensor(segments), past)
+        scores = process_logits(logits.asnumpy()[:, -1], rows, do_sample, temperature, top_k, top_p,
+                                repetition_penalty)
+        if do_sample:
+            probs = np.exp(scores - scores.max(-1, keepdims=True))
+            probs /= probs.sum(-1, keepdims=True)
+            tokens = np.array([rng.choice(len(p), p=p) for p in probs], dtype=np.int32)
+        else:
+            tokens = scores.argmax(-1).astype(np.int32)
+        tokens = np.where(finished, pad_id, tokens)
+        yield tokens
+        if eos_id is not None:
+            finished |= tokens == eos_id
+        if finished.all():
+            return
+        rows = np.concatenate([rows, tokens[:, None]], axis=1)
+        segments = np.concatenate([segments, np.ones((len(prompts), 1), np.int32)], axis=1)
+        step_ids, step_positions = tokens[:, None], step_positions[:, -1:] + 1
+
+
+def chat(model: TelechatForCausalLM, tokenizer: TeleChatTokenizer, question: str, history: list[dict] | None = None,
+         generation_config: dict | None = None, stream: bool = False, max_new_tokens: int | None = None, **sampling):
+    """(answer, history) as the published chat(); stream=True yields (text so far, history) pairs. Settings come
+    from generation_config (the model folder's generation_config.json), overridden by keyword arguments."""
+    history = list(history or [])
+    settings = {"max_length": 8192, "do_sample": False, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
+                "repetition_penalty": 1.0, **(generation_config or {}), **sampling}
+    prompt = chat_prompt(tokenizer, question, history, model.config.seq_length, settings["max_length"],
+                         max_new_tokens)
+    budget = max_new_tokens or max(settings["max_length"] - len(prompt), 1)
+    steps = generate(model, [prompt], budget, tokenizer.eos_id, tokenizer.pad_id, settings["do_sample"],
+                     settings["temperature"], settings["top_k"], settings["top_p"], settings["repetition_penalty"])
+    decoder = IncrementalDecoder(tokenizer, {tokenizer.eos_id, tokenizer.pad_id})
+
+    def pieces():
+        answer = ""
+        for tokens in steps:
+            answer += decoder.add([int(tokens[0])])
+            yield answer, history
+        answer += decoder.flush()
+        yield answer, extend_history(history, question, answer)
+
+    if stream:
+        return pieces()
+    *_, (answer, new_history) = pieces()
+    return answer, new_history
