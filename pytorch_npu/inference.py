@@ -31,8 +31,9 @@ def generate_text(model, tokenizer: TeleChatTokenizer, prompt: str, **generate_k
     return tokenizer.decode([i for i in output[0, ids.shape[1]:].tolist() if i != tokenizer.eos_id])
 
 
-def chat_session(model, tokenizer: TeleChatTokenizer, questions, out=sys.stdout, **generate_kwargs) -> list[dict]:
+def chat_session(model, tokenizer: TeleChatTokenizer, questions, out=None, **generate_kwargs) -> list[dict]:
     """Answers each question in turn, streaming the text, keeping the history between turns."""
+    out = out or sys.stdout
     history: list[dict] = []
     for question in questions:
         printed = 0

@@ -72,12 +72,16 @@ def _convert(args: argparse.Namespace) -> None:
               f"counters), e.g. {report.skipped_training_state[0]}")
 
 
-def _torch_backend(args: argparse.Namespace):
+def _load_backend(args: argparse.Namespace):
+    """(inference module, model, tokenizer) of --backend; both modules offer the same functions."""
+    extra = {"torch": "torch", "mindspore": "mindspore"}[args.backend]
     try:
-        from pytorch_npu import inference
+        if args.backend == "torch":
+            from pytorch_npu import inference
+        else:
+            from mindspore_impl import inference
     except ImportError as error:
-        raise TeleChatError(f"--backend torch needs torch and transformers (pip install 'telechat-ascend[torch]'): "
-                            f"{error}") from None
+        raise TeleChatError(f"--backend {args.backend} needs pip install 'telechat-ascend[{extra}]': {error}") from None
     model, tokenizer = inference.load_model(args.model, args.device, args.dtype)
     return inference, model, tokenizer
 
@@ -89,18 +93,18 @@ def _generation_kwargs(args: argparse.Namespace) -> dict:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    inference, model, tokenizer = _torch_backend(args)
+    inference, model, tokenizer = _load_backend(args)
     print(inference.generate_text(model, tokenizer, args.prompt, **_generation_kwargs(args)))
 
 
 def _chat(args: argparse.Namespace) -> None:
-    inference, model, tokenizer = _torch_backend(args)
+    inference, model, tokenizer = _load_backend(args)
     questions = args.question or (line.strip() for line in sys.stdin if line.strip())
     inference.chat_session(model, tokenizer, questions, **_generation_kwargs(args))
 
 
 def _add_inference_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backend", choices=["torch"], default="torch")
+    parser.add_argument("--backend", choices=["torch", "mindspore"], default="torch")
     parser.add_argument("--model", required=True, type=Path, help="a TeleChat model folder")
     parser.add_argument("--device", default="cpu", help="cpu, cuda[:N], npu[:N] or auto")
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,

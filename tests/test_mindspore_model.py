@@ -181,3 +181,16 @@ def test_fused_ascend_calls_bind_to_the_mindspore_signatures():
     assert calls > 10
     with pytest.raises(TypeError):  # the check can fail: a misspelled keyword does not bind
         inspect.signature(ops.flash_attention_score).bind(None, None, None, 4, scale_value=0.1)
+
+
+def test_cli_generate_and_chat_with_the_mindspore_backend(folder, torch_model, capsys):
+    from telechat_ascend.cli import main
+    common = ["--model", str(folder), "--max-new-tokens", "6"]
+    assert main(["generate", "--backend", "mindspore", "--prompt", "今天", *common]) == 0
+    ms_text = capsys.readouterr().out
+    assert main(["generate", "--backend", "torch", "--prompt", "今天", *common]) == 0
+    assert capsys.readouterr().out == ms_text  # greedy decoding: the same tokens on both backends
+    assert main(["chat", "--backend", "mindspore", "--question", "你好", *common]) == 0
+    assert capsys.readouterr().out.endswith("\n")
+    assert main(["generate", "--backend", "mindspore", "--prompt", "x", "--dtype", "bf16", *common]) == 1
+    assert "no bf16 compute kernels on CPU" in capsys.readouterr().err

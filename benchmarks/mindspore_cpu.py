@@ -1,0 +1,85 @@
+"""Training-step tokens/s of the MindSpore backend, GRAPH (ms.jit) against PYNATIVE, and against the PyTorch backend
+on the same config, batch and weights, measured in one run (fp32, forward + backward + AdamW step).
+
+    python benchmarks/mindspore_cpu.py [--steps 3] [--batch 2] [--seq-len 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import mindspore as ms
+import numpy as np
+import torch
+
+from mindspore_impl.model import TelechatForCausalLM as MindSporeTelechat
+from pytorch_npu import TelechatConfig, TelechatForCausalLM as TorchTelechat
+from telechat_ascend.config import TeleChatConfig
+
+SHAPES = dict(vocab_size=16000, hidden_size=512, n_layer=8, n_head=8, ffn_hidden_size=1376, tie_word_embeddings=False)
+
+
+def best_of(steps: int, fn) -> float:
+    fn()  # warm up (and compile, for GRAPH)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def mindspore_steps(config: TeleChatConfig, ids: np.ndarray):
+    model = MindSporeTelechat(config)
+    model.set_train(True)
+    optimizer = ms.nn.AdamWeightDecay(model.trainable_params(), 1e-4, beta1=0.9, beta2=0.95, eps=1e-5)
+    cos, sin = model.rope(np.tile(np.arange(ids.shape[1]), (ids.shape[0], 1)), ids.shape[1])
+    inputs = (ms.Tensor(ids), cos, sin, ms.Tensor(np.ones_like(ids)), ms.Tensor(ids))
+    grad_fn = ms.value_and_grad(model, None, optimizer.parameters)
+
+    def pynative():
+        loss, grads = grad_fn(*inputs)
+        optimizer(grads)
+        return loss
+
+    graph = ms.jit(pynative)
+    return lambda: pynative().asnumpy(), lambda: graph().asnumpy()
+
+
+def torch_step(config: TeleChatConfig, ids: np.ndarray):
+    model = TorchTelechat(TelechatConfig(**config.to_dict())).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-5)
+    batch = torch.from_numpy(ids.astype(np.int64))
+
+    def step():
+        loss = model(batch, labels=batch, use_cache=False).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, default=256)
+    args = parser.parse_args()
+    config = TeleChatConfig(**SHAPES)
+    ids = np.random.default_rng(0).integers(0, config.vocab_size, (args.batch, args.seq_len), dtype=np.int32)
+    tokens = ids.size
+    print(f"{config.num_parameters() / 1e6:.1f}M parameters, batch {args.batch} x seq {args.seq_len}, fp32, "
+          f"{torch.get_num_threads()} threads")
+    pynative, graph = mindspore_steps(config, ids)
+    results = {"MindSpore GRAPH": best_of(args.steps, graph), "MindSpore PYNATIVE": best_of(args.steps, pynative),
+               "PyTorch": best_of(args.steps, torch_step(config, ids))}
+    for name, seconds in results.items():
+        print(f"{name:20s} {seconds:6.2f} s/step  {tokens / seconds:8.0f} tokens/s")
+    print(f"GRAPH / PYNATIVE speed: {results['MindSpore PYNATIVE'] / results['MindSpore GRAPH']:.2f}x; "
+          f"GRAPH / PyTorch speed: {results['PyTorch'] / results['MindSpore GRAPH']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""The `generate` / `chat` commands of the CLI with --backend mindspore; the same functions as pytorch_npu.inference."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import mindspore as ms
+
+from mindspore_impl.generate import chat, generate
+from mindspore_impl.pretrained import from_pretrained
+from telechat_ascend.errors import TeleChatError
+from telechat_ascend.tokenizer import TeleChatTokenizer
+
+# --device as the PyTorch backend spells it -> MindSpore device target.
+DEVICE_TARGETS = {"cpu": "CPU", "npu": "Ascend", "cuda": "GPU"}
+
+
+def set_device(device: str) -> str:
+    """Sets MindSpore's device target (and device id for npu:N / cuda:N); returns the target."""
+    kind, _, index = device.partition(":")
+    if kind not in DEVICE_TARGETS or (index and not index.isdigit()):
+        raise TeleChatError(f"--device {device!r}: choose cpu, npu[:N] or cuda[:N] with --backend mindspore")
+    target = DEVICE_TARGETS[kind]
+    ms.set_device(target, int(index) if index else None)
+    return target
+
+
+def load_model(folder: str | Path, device: str = "cpu", dtype: str | None = None):
+    target = set_device(device)
+    dtype = dtype or ("bf16" if target == "Ascend" else "fp32")
+    if target == "CPU" and dtype == "bf16":
+        raise TeleChatError("MindSpore has no bf16 compute kernels on CPU (matmul, softmax): use --dtype fp32 or fp16")
+    tokenizer = TeleChatTokenizer.from_pretrained(folder)
+    model = from_pretrained(folder, dtype=dtype)
+    model.set_train(False)
+    return model, tokenizer
+
+
+def _generation_settings(model, overrides: dict) -> dict:
+    path = model.source_folder / "generation_config.json"
+    settings = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    return {**settings, **overrides}
+
+
+def generate_text(model, tokenizer: TeleChatTokenizer, prompt: str, max_new_tokens: int | None = None,
+                  **overrides) -> str:
+    settings = _generation_settings(model, overrides)
+    budget = max_new_tokens or max(settings.get("max_length", 8192) - len(tokenizer.encode(prompt)), 1)
+    steps = generate(model, [tokenizer.encode(prompt)], budget, tokenizer.eos_id, tokenizer.pad_id,
+                     settings.get("do_sample", False), settings.get("temperature", 1.0), settings.get("top_k", 0),
+                     settings.get("top_p", 1.0), settings.get("repetition_penalty", 1.0))
+    ids = [int(step[0]) for step in steps]
+    return tokenizer.decode([i for i in ids if i not in (tokenizer.eos_id, tokenizer.pad_id)])
+
+
+def chat_session(model, tokenizer: TeleChatTokenizer, questions, out=None, max_new_tokens: int | None = None,
+                 **overrides) -> list[dict]:
+    out = out or sys.stdout
+    history: list[dict] = []
+    settings = _generation_settings(model, overrides)
+    for question in questions:
+        printed = 0
+        for answer, history in chat(model, tokenizer, question, history, settings, stream=True,
+                                    max_new_tokens=max_new_tokens):
+            out.write(answer[printed:])
+            out.flush()
+            printed = len(answer)
+        out.write("\n")
+    return history
