@@ -103,6 +103,27 @@ def _chat(args: argparse.Namespace) -> None:
     inference.chat_session(model, tokenizer, questions, **_generation_kwargs(args))
 
 
+def _parity(args: argparse.Namespace) -> int:
+    from telechat_ascend import parity
+    if not (args.log and args.reference):
+        raise TeleChatError("give --log RUN_LOG and --reference REFERENCE_LOG")
+    labels = (str(args.log), str(args.reference))
+    result = parity.compare_losses(parity.read_losses(args.log), parity.read_losses(args.reference))
+    if args.plot:
+        parity.plot(result, args.plot, labels)
+    if args.json:
+        parity.write_json(result, args.json, labels)
+    print(result.summary())
+    return 0 if result.passed else 1
+
+
+def _bench(args: argparse.Namespace) -> None:
+    from telechat_ascend import throughput
+    run = throughput.read_throughput(args.log, args.devices, args.seq_len)
+    peak = args.peak_tflops or throughput.PEAK_TFLOPS.get(args.device_type)
+    print(throughput.report(run, TeleChatConfig.load(args.model), peak, args.compare))
+
+
 def _add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=["torch", "mindspore"], default="torch")
     parser.add_argument("--model", required=True, type=Path, help="a TeleChat model folder")
@@ -158,17 +179,34 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--question", action="append",
                       help="a question (repeat for a multi-turn chat); default: one question per stdin line")
     chat.set_defaults(run=_chat)
+
+    parity = commands.add_parser("parity", help="compare a run's loss log with a reference log (exit 1 on failure)")
+    parity.add_argument("--log", type=Path, help="the run's loss log (JSON lines or DeepSpeed console output)")
+    parity.add_argument("--reference", type=Path, help="the reference (e.g. A100) loss log")
+    parity.add_argument("--plot", type=Path, help="write both curves and their difference to this PNG")
+    parity.add_argument("--json", type=Path, help="write the verdict to this JSON file")
+    parity.set_defaults(run=_parity)
+
+    bench = commands.add_parser("bench", help="throughput of a training log next to the published figures")
+    bench.add_argument("--log", required=True, type=Path, help="a trainer's JSON-lines loss log")
+    bench.add_argument("--model", required=True, help=f"the trained model's folder or one of {', '.join(PRESETS)}")
+    bench.add_argument("--devices", type=int, help="default: the log's world_size")
+    bench.add_argument("--seq-len", type=int, help="default: the log's seq_len")
+    bench.add_argument("--device-type", choices=["a100", "h100", "910a", "910b"], default="910b",
+                       help="for the MFU peak FLOP/s")
+    bench.add_argument("--peak-tflops", type=float, help="the device's dense fp16/bf16 peak (overrides the table)")
+    bench.add_argument("--compare", choices=["7B", "12B"], help="only the published rows of this model")
+    bench.set_defaults(run=_bench)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.run(args)
+        return args.run(args) or 0
     except TeleChatError as error:
         print(f"telechat-ascend {args.command}: error: {error}", file=sys.stderr)
         return 1
-    return 0
 
 
 if __name__ == "__main__":
