@@ -23,7 +23,8 @@ def set_device(device: str) -> str:
     if kind not in DEVICE_TARGETS or (index and not index.isdigit()):
         raise TeleChatError(f"--device {device!r}: choose cpu, npu[:N] or cuda[:N] with --backend mindspore")
     target = DEVICE_TARGETS[kind]
-    ms.set_device(target, int(index) if index else None)
+    if (target, int(index or 0)) != (ms.get_context("device_target"), ms.get_context("device_id")):
+        ms.set_device(target, int(index) if index else None)  # once per process: the runtime then stays put
     return target
 
 

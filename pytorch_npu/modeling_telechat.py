@@ -161,21 +161,27 @@ class TelechatModel(TelechatPreTrainedModel):
             attention_mask = torch.ones(batch, total, dtype=torch.bool, device=x.device)
         if position_ids is None:
             # Left padding: a row's first real token is position 0, as generate() numbers it.
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
+            position_ids = ((attention_mask != 0).long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
         cos, sin = self.rotary_emb(position_ids, total, x.dtype)
-        mask = _padding_mask(attention_mask, total)
+        if attention_mask.shape[1] != total:
+            raise ValueError(f"attention_mask covers {attention_mask.shape[1]} positions, but cache and input hold "
+                             f"{total}")
+        mask = _segment_mask(attention_mask, length)
         for block in self.h:
             x = block(x, cos, sin, mask, past_key_values if use_cache else None)
         return BaseModelOutputWithPast(last_hidden_state=self.ln_f(x),
                                        past_key_values=past_key_values if use_cache else None)
 
 
-def _padding_mask(attention_mask: torch.Tensor, total: int) -> torch.Tensor | None:
-    """Bool [B, 1, 1, total], True at padding keys; None without padding, so kernels can take their fast path."""
-    if attention_mask.shape[1] != total:
-        raise ValueError(f"attention_mask covers {attention_mask.shape[1]} positions, but cache and input hold {total}")
-    keys = attention_mask.to(torch.bool)
-    return None if bool(keys.all()) else ~keys[:, None, None, :]
+def _segment_mask(attention_mask: torch.Tensor, length: int) -> torch.Tensor | None:
+    """Bool [B, 1, length, total], True where a query must not see a key. attention_mask doubles as segment ids:
+    0 is padding, and with packed training rows (1, 2, 3, ...) a query sees only keys of its own sample. None when
+    every key is visible (an all-ones mask), so kernels can take their fast path; causality is added by the kernel."""
+    if bool((attention_mask == 1).all()):
+        return None
+    keys = attention_mask[:, None, :]
+    queries = attention_mask[:, -length:, None]
+    return ((queries != keys) | (keys == 0))[:, None]
 
 
 class TelechatForCausalLM(TelechatPreTrainedModel, GenerationMixin):

@@ -105,10 +105,18 @@ def _chat(args: argparse.Namespace) -> None:
 
 def _parity(args: argparse.Namespace) -> int:
     from telechat_ascend import parity
-    if not (args.log and args.reference):
-        raise TeleChatError("give --log RUN_LOG and --reference REFERENCE_LOG")
-    labels = (str(args.log), str(args.reference))
-    result = parity.compare_losses(parity.read_losses(args.log), parity.read_losses(args.reference))
+    if args.backends:
+        if not (args.model and args.data):
+            raise TeleChatError("--backends needs --model DIR and --data DIR (prepare-data shards)")
+        backends = tuple(args.backends.split(","))
+        labels = backends
+        result = parity.run_backends(args.model, args.data, args.steps, args.out, backends)
+    elif args.log and args.reference:
+        labels = (str(args.log), str(args.reference))
+        result = parity.compare_losses(parity.read_losses(args.log), parity.read_losses(args.reference))
+    else:
+        raise TeleChatError("give --log RUN_LOG --reference REFERENCE_LOG, or --backends torch,mindspore --model DIR "
+                            "--data DIR")
     if args.plot:
         parity.plot(result, args.plot, labels)
     if args.json:
@@ -180,9 +188,17 @@ def build_parser() -> argparse.ArgumentParser:
                       help="a question (repeat for a multi-turn chat); default: one question per stdin line")
     chat.set_defaults(run=_chat)
 
+    from telechat_ascend.data import add_prepare_data_parser
+    add_prepare_data_parser(commands)
+
     parity = commands.add_parser("parity", help="compare a run's loss log with a reference log (exit 1 on failure)")
     parity.add_argument("--log", type=Path, help="the run's loss log (JSON lines or DeepSpeed console output)")
     parity.add_argument("--reference", type=Path, help="the reference (e.g. A100) loss log")
+    parity.add_argument("--backends", help="(a) train both, e.g. torch,mindspore, and compare their losses")
+    parity.add_argument("--model", type=Path, help="with --backends: the HF folder both start from")
+    parity.add_argument("--data", type=Path, help="with --backends: prepare-data shards")
+    parity.add_argument("--steps", type=int, default=10, help="with --backends: optimizer steps")
+    parity.add_argument("--out", type=Path, default=Path("runs/parity"), help="with --backends: the runs' folder")
     parity.add_argument("--plot", type=Path, help="write both curves and their difference to this PNG")
     parity.add_argument("--json", type=Path, help="write the verdict to this JSON file")
     parity.set_defaults(run=_parity)

@@ -124,3 +124,38 @@ def plot(result: ParityResult, path: str | Path, labels: tuple[str, str]) -> Non
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     pyplot.close(figure)
+
+
+TRAINERS = {"torch": ["-m", "pytorch_npu.train", "--device", "cpu"], "mindspore": ["-m", "mindspore_impl.train"]}
+
+
+def run_backends(model: str | Path, data: str | Path, steps: int, out: str | Path,
+                 backends: tuple[str, str] = ("torch", "mindspore"), lr: float = 1e-4) -> ParityResult:
+    """Trains `steps` steps from the same weights on the same batches with each backend's trainer (fp32, CPU, one
+    process, the same AdamW and schedule), then compares their loss logs: (a) of the parity check."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    unknown = set(backends) - set(TRAINERS)
+    if len(backends) != 2 or unknown:
+        raise TeleChatError(f"--backends: give two of {', '.join(TRAINERS)}, got {','.join(backends)}")
+    out = Path(out)
+    logs = []
+    for backend in backends:
+        config = {"model": {"path": str(model), "dtype": "fp32"}, "train_dataset": {"data_dir": str(data)},
+                  "context": {"mode": "GRAPH", "device_target": "CPU"},
+                  "optimizer": {"lr": lr}, "lr_schedule": {"warmup_ratio": 0.1},
+                  "runner": {"max_steps": steps, "batch_size": 2, "seed": 42, "save_steps": steps,
+                             "output_dir": str(out / backend), "keep_last": 1}}
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"{backend}.yaml"
+        path.write_text(yaml.safe_dump(config), encoding="utf-8")
+        done = subprocess.run([sys.executable, *TRAINERS[backend], "--config", str(path)], capture_output=True,
+                              text=True)
+        if done.returncode:
+            raise TeleChatError(f"the {backend} trainer failed (config {path}):\n{done.stdout[-2000:]}"
+                                f"{done.stderr[-2000:]}")
+        logs.append(out / backend / "loss_log.jsonl")
+    return compare_losses(read_losses(logs[0]), read_losses(logs[1]))

@@ -15,3 +15,16 @@ def published() -> Path:
     if not PUBLISHED.is_dir():
         pytest.skip(f"published TeleChat files not found at {PUBLISHED}")
     return PUBLISHED
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """The project's own tiny tokenizer (tokenizer.model + tokenizer_config.json)."""
+    from telechat_ascend.tokenizer import build_tiny_tokenizer
+    return build_tiny_tokenizer(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_dir):
+    from telechat_ascend.tokenizer import TeleChatTokenizer
+    return TeleChatTokenizer.from_pretrained(tiny_dir)

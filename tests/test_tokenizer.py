@@ -44,16 +44,6 @@ def tok12b(published):
     return TeleChatTokenizer.from_pretrained(published / "12B")
 
 
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory):
-    return build_tiny_tokenizer(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="session")
-def tiny(tiny_dir):
-    return TeleChatTokenizer.from_pretrained(tiny_dir)
-
-
 # --- real 12B tokenizer -------------------------------------------------------------------------------------------
 
 def test_12b_special_ids_from_generation_config(published, tok12b, sp12b):
@@ -260,23 +250,23 @@ def test_tokenizer_json_rejects_7b_ids_outside_a_small_vocab(published, tmp_path
 
 # --- tiny training tokenizer --------------------------------------------------------------------------------------
 
-def test_tiny_layout_matches_real_12b_literally(tiny_dir, tiny):
-    sp = tiny.backend
-    assert sp.get_piece_size() == tiny.vocab_size == 4096
+def test_tiny_layout_matches_real_12b_literally(tiny_dir, tiny_tokenizer):
+    sp = tiny_tokenizer.backend
+    assert sp.get_piece_size() == tiny_tokenizer.vocab_size == 4096
     assert [sp.id_to_piece(i) for i in range(23)] == REAL_FIRST_PIECES
     assert sp.unk_id() == 0 and sp.bos_id() == 1 and sp.eos_id() == 2 and sp.pad_id() == 3
     assert all(sp.is_byte(i) for i in range(123, 379)) and sp.id_to_piece(123) == "<0x00>"
     # No generation_config.json: the ids come from the pieces.
-    assert (tiny.user_id, tiny.bot_id, tiny.eos_id, tiny.bos_id, tiny.pad_id) == (USER, BOT, EOS, BOS, PAD)
+    assert (tiny_tokenizer.user_id, tiny_tokenizer.bot_id, tiny_tokenizer.eos_id, tiny_tokenizer.bos_id, tiny_tokenizer.pad_id) == (USER, BOT, EOS, BOS, PAD)
     config = json.loads((tiny_dir / "tokenizer_config.json").read_text())
     assert config["unk_token"]["content"] == "<_unk>" and config["eos_token"]["content"] == "<_end>"
 
 
-def test_tiny_layout_matches_real_12b_file(tiny, sp12b):
+def test_tiny_layout_matches_real_12b_file(tiny_tokenizer, sp12b):
     def kinds(sp, i):
         return sp.id_to_piece(i), sp.is_unknown(i), sp.is_control(i), sp.is_byte(i)
 
-    assert [kinds(tiny.backend, i) for i in range(379)] == [kinds(sp12b, i) for i in range(379)]
+    assert [kinds(tiny_tokenizer.backend, i) for i in range(379)] == [kinds(sp12b, i) for i in range(379)]
 
 
 def test_tiny_trainer_options_match_real_12b(published, tiny_dir):
@@ -298,23 +288,23 @@ def test_tiny_build_is_deterministic(tiny_dir, tmp_path):
     assert (again / "tokenizer_config.json").read_bytes() == (tiny_dir / "tokenizer_config.json").read_bytes()
 
 
-def test_tiny_round_trips_and_tokenizes_reasonably(tiny):
+def test_tiny_round_trips_and_tokenizes_reasonably(tiny_tokenizer):
     for text in SENTENCES:
-        ids = tiny.encode(text)
-        assert tiny.decode(ids) == text
+        ids = tiny_tokenizer.encode(text)
+        assert tiny_tokenizer.decode(ids) == text
         # Ordinary text needs no byte fallback and fewer tokens than characters.
-        assert not any(tiny.backend.is_byte(i) for i in ids)
+        assert not any(tiny_tokenizer.backend.is_byte(i) for i in ids)
         assert len(ids) < len(text)
-    assert tiny.encode("2024")[1:] == [6, 4, 6, 8]  # split digits, as in the 12B model
-    assert tiny.decode(render_chat(tiny, "你好")) == "<_user> 你好<_bot>"
+    assert tiny_tokenizer.encode("2024")[1:] == [6, 4, 6, 8]  # split digits, as in the 12B model
+    assert tiny_tokenizer.decode(render_chat(tiny_tokenizer, "你好")) == "<_user> 你好<_bot>"
 
 
-def test_tiny_unknown_characters_fall_back_to_bytes(tiny):
+def test_tiny_unknown_characters_fall_back_to_bytes(tiny_tokenizer):
     for text in ("🙂", "龘"):
-        ids = tiny.encode(text)
-        assert [tiny.backend.is_byte(i) for i in ids[1:]] == [True] * len(text.encode("utf-8"))
-        assert tiny.decode(ids) == text
-    assert tiny.decode(tiny.encode("天气🙂很好 ok")) == "天气🙂很好 ok"
+        ids = tiny_tokenizer.encode(text)
+        assert [tiny_tokenizer.backend.is_byte(i) for i in ids[1:]] == [True] * len(text.encode("utf-8"))
+        assert tiny_tokenizer.decode(ids) == text
+    assert tiny_tokenizer.decode(tiny_tokenizer.encode("天气🙂很好 ok")) == "天气🙂很好 ok"
 
 
 # --- errors -------------------------------------------------------------------------------------------------------
@@ -349,18 +339,18 @@ def test_special_id_out_of_range(tmp_path):
     ({"role": "user", "content": None}, r"history\[1\]: content must be a string"),
     ({"content": "hi"}, r"history\[1\]: role must be"),
 ])
-def test_bad_history_entry(tiny, entry, message):
+def test_bad_history_entry(tiny_tokenizer, entry, message):
     history = [{"role": "user", "content": "ok"}, entry]
     with pytest.raises(TeleChatError, match=message):
-        render_chat(tiny, "question", history)
+        render_chat(tiny_tokenizer, "question", history)
 
 
-def test_bad_chat_and_dialog_arguments(tiny):
+def test_bad_chat_and_dialog_arguments(tiny_tokenizer):
     with pytest.raises(TeleChatError, match="question is empty"):
-        render_chat(tiny, "")
+        render_chat(tiny_tokenizer, "")
     with pytest.raises(TeleChatError, match="max_length = 2"):
-        render_chat(tiny, "hi", max_length=2)
+        render_chat(tiny_tokenizer, "hi", max_length=2)
     with pytest.raises(TeleChatError, match=r"turns\[1\]: expected a \(question, answer\) pair"):
-        render_dialog(tiny, [("q", "a"), ("only a question",)])
+        render_dialog(tiny_tokenizer, [("q", "a"), ("only a question",)])
     with pytest.raises(TeleChatError, match="no turns"):
-        render_dialog(tiny, [])
+        render_dialog(tiny_tokenizer, [])

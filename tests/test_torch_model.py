@@ -233,3 +233,14 @@ def test_auto_model_loads_sharded_bin_and_sharded_safetensors(tmp_path, dtype):
     for name, tensor in from_safetensors.state_dict().items():
         assert torch.equal(tensor, from_bin.state_dict()[name]), name
     assert len(list(sharded.glob("model-*.safetensors"))) > 1
+
+
+def test_packed_samples_attend_only_within_their_segment():
+    model = make_model("12B-style")
+    a, b = PROMPT[:7], PROMPT[7:]
+    with torch.no_grad():
+        alone_a, alone_b = model(torch.tensor([a])).logits[0], model(torch.tensor([b])).logits[0]
+        packed = model(torch.tensor([a + b]), attention_mask=torch.tensor([[1] * len(a) + [2] * len(b)]),
+                       position_ids=torch.tensor([list(range(len(a))) + list(range(len(b)))])).logits[0]
+    assert (packed[:len(a)] - alone_a).abs().max() < 1e-5
+    assert (packed[len(a):] - alone_b).abs().max() < 1e-5

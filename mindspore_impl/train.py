@@ -1,0 +1,375 @@
+"""Supervised fine-tuning of TeleChat with MindSpore: one device, or data parallel under msrun.
+
+    python -m mindspore_impl.train --config configs/finetune_tiny.yaml [--resume] [--output-dir DIR] [--max-steps N]
+    msrun --worker_num=2 --local_worker_num=2 --master_port=8118 --log_dir=output/msrun_log --join=True \\
+        mindspore_impl/train.py --config configs/finetune_tiny.yaml
+
+msrun runs a script path and starts each worker with the first `python` on PATH, so activate the environment
+(or put .venv/bin first on PATH). parallel.data_parallel must equal --worker_num.
+
+The config, schedule, data order, weight-decay rule and loss log are shared with the PyTorch trainer
+(telechat_ascend/training.py); this file holds the MindSpore side. One optimizer step:
+  1. every rank runs its accumulation steps; micro-batch i's mean loss is weighted by its share n_i / N of the
+     global batch's N target tokens (and by the loss scale) and the gradients are summed over micro-batches;
+  2. gradients and loss are summed over ranks (nn.DistributedGradReducer, mean=False: the weights already divide
+     by the global N), so the loss is the token-weighted mean over the whole global batch;
+  3. gradients are unscaled; a non-finite global norm skips the update (and lowers a dynamic loss scale);
+     otherwise they are clipped to clip_grad and AdamW updates the fp32 master weights.
+N is counted on the host from the global batch's labels, which every rank can read, so no collective is needed.
+
+Output (runner.output_dir): loss_log.jsonl; checkpoints/step-NNNNNN/ with model/ (MindSpore folder, MindFormers
+names), optimizer.ckpt (adam_m.* / adam_v.*) and trainer_state.json (step, data position, update count, loss
+scale, seeds), plus checkpoints/latest; final/mindspore and final/hf (the shared converter's HF copy). Only rank 0
+writes; the ranks hold identical weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import mindspore as ms
+from mindspore import ParameterTuple, Tensor, nn, ops
+
+from mindspore_impl.model import TelechatForCausalLM
+from mindspore_impl.pretrained import COMPUTE_DTYPES, from_pretrained, save_pretrained
+from telechat_ascend.checkpoint import atomic_output_dir
+from telechat_ascend.config import TeleChatConfig
+from telechat_ascend.convert import convert_checkpoint
+from telechat_ascend.data import ARRAYS, PackedDataset
+from telechat_ascend.errors import TeleChatError
+from telechat_ascend.training import (IGNORE_INDEX, LossLogWriter, LossScaler, Plan, TrainConfig, checkpoint_name,
+                                      add_run_arguments, decays, read_latest, run_config, target_count, write_latest)
+
+
+# ---- distributed setup --------------------------------------------------------------------------------------------
+
+def setup(config: TrainConfig) -> tuple[int, int]:
+    """(rank, world size). Under msrun (MS_ROLE set) this joins the cluster: hccl on Ascend, mccl on CPU."""
+    if config.context.device_target:
+        ms.set_context(device_target=config.context.device_target)
+    if config.model.dtype == "bf16" and ms.get_context("device_target") == "CPU":
+        raise TeleChatError("model.dtype bf16: MindSpore has no bf16 CPU kernels (MatMul, Softmax ...); use fp16 or "
+                            "fp32 on CPU")
+    rank, world = 0, 1
+    if "MS_ROLE" in os.environ:  # msrun also runs this script as its scheduler, whose init() never returns
+        from mindspore.communication import get_group_size, get_rank, init
+        init()
+        rank, world = get_rank(), get_group_size()
+        # The gradient mean is ours (token-weighted), so the reducer sums.
+        ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=False,
+                                     device_num=world)
+    if world != config.parallel.data_parallel:
+        raise TeleChatError(f"parallel.data_parallel is {config.parallel.data_parallel} but {world} worker(s) are "
+                            f"running; launch msrun with --worker_num={config.parallel.data_parallel}")
+    return rank, world
+
+
+# ---- data ---------------------------------------------------------------------------------------------------------
+
+class MindRecordRows:
+    """A MindFormers .mindrecord (int32 input_ids and labels of seq_len + 1, as `prepare-data --mindrecord` writes)
+    as rows like PackedDataset's, held in memory. MindFormers trains token t on labels[t + 1] unless token t is
+    padding, and attends across the whole row. The rows keep all seq_len + 1 tokens (the last one predicts nothing),
+    so every one of those pairs is trained: labels stay aligned, masked after a pad token; one segment per row."""
+
+    def __init__(self, path: str | Path, pad_id: int):
+        from mindspore.mindrecord import FileReader
+        if not Path(path).is_file():
+            raise TeleChatError(f"train_dataset.mindrecord: {path} not found")
+        reader = FileReader(str(path), num_consumer=1, columns=["input_ids", "labels"])
+        rows = list(reader.get_next())
+        reader.close()
+        ids = np.stack([r["input_ids"] for r in rows]).astype(np.int32)
+        labels = np.stack([r["labels"] for r in rows]).astype(np.int32)
+        after_pad = np.concatenate([np.zeros_like(ids[:, :1], bool), ids[:, :-1] == pad_id], 1)
+        self.arrays = {"input_ids": ids, "labels": np.where(after_pad, IGNORE_INDEX, labels),
+                       "position_ids": np.broadcast_to(np.arange(ids.shape[1], dtype=np.int32), ids.shape),
+                       "segment_ids": np.ones_like(ids)}
+
+    def __len__(self) -> int:
+        return len(self.arrays["input_ids"])
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        return {name: array[i] for name, array in self.arrays.items()}
+
+
+def open_dataset(config: TrainConfig, pad_id: int):
+    if config.train_dataset.data_dir is not None:
+        return PackedDataset(config.train_dataset.data_dir)
+    return MindRecordRows(config.train_dataset.mindrecord, pad_id)
+
+
+def stack_rows(dataset, rows) -> dict[str, np.ndarray]:
+    return {name: np.stack([dataset[i][name] for i in rows]) for name in ARRAYS}
+
+
+# ---- model --------------------------------------------------------------------------------------------------------
+
+def build_model(config: TrainConfig, checkpoint: Path | None) -> TelechatForCausalLM:
+    """The model to train: the checkpoint's when resuming, else the config's folder or a new preset model (seeded,
+    so every rank draws the same initial weights)."""
+    dtype = config.model.dtype
+    if checkpoint is not None:
+        model = from_pretrained(checkpoint / "model", dtype)
+    elif config.model.path is not None:
+        model = from_pretrained(config.model.path, dtype)
+    else:
+        ms.set_seed(config.runner.seed)
+        model = TelechatForCausalLM(TeleChatConfig.preset(config.model.preset), COMPUTE_DTYPES[dtype])
+    if config.recompute:
+        for layer in model.model.layers:
+            layer.recompute()
+    model.set_train(True)
+    return model
+
+
+# ---- optimizer ----------------------------------------------------------------------------------------------------
+
+class AdamW(nn.Cell):
+    """torch.optim.AdamW's update: bias-corrected moments, decoupled weight decay. (nn.AdamWeightDecay has no bias
+    correction, so its first steps are ~0.45x as large with beta2 0.95, and the PyTorch trainer would differ.)
+    Moments are named as MindFormers names them: adam_m.<param>, adam_v.<param>. The scalars that depend on the
+    step come from the host, computed as torch computes them (adamw_scalars)."""
+
+    def __init__(self, params, betas: list[float], eps: float):
+        super().__init__()
+        self.params = ParameterTuple(params)
+        self.moments1 = self.params.clone(prefix="adam_m", init="zeros")
+        self.moments2 = self.params.clone(prefix="adam_v", init="zeros")
+        self.decay = tuple(decays(p.shape) for p in params)
+        self.beta1, self.beta2, self.eps = betas[0], betas[1], eps
+
+    def construct(self, grads, decay_factor, step_size, bias_correction2_sqrt):
+        for param, m, v, grad, decay in zip(self.params, self.moments1, self.moments2, grads, self.decay):
+            m_new = m + (grad - m) * (1.0 - self.beta1)
+            v_new = v * self.beta2 + grad * grad * (1.0 - self.beta2)
+            p_new = param * decay_factor if decay else param
+            p_new = p_new - step_size * m_new / (ops.sqrt(v_new) / bias_correction2_sqrt + self.eps)
+            ops.assign(m, m_new)
+            ops.assign(v, v_new)
+            ops.assign(param, p_new)
+
+
+def adamw_scalars(lr: float, weight_decay: float, betas: list[float], t: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(1 - lr·wd, lr / (1 - β1^t), sqrt(1 - β2^t)) for the t-th update (1-based), in float64 as torch does."""
+    values = 1.0 - lr * weight_decay, lr / (1.0 - betas[0] ** t), math.sqrt(1.0 - betas[1] ** t)
+    return tuple(Tensor(v, ms.float32) for v in values)
+
+
+# ---- the step -----------------------------------------------------------------------------------------------------
+
+class StepFunctions:
+    """The device side of an optimizer step, compiled with ms.jit unless context.mode is PYNATIVE:
+    grad(inputs..., weight) -> (weighted loss, grads); accumulate; finish (sum over ranks, unscale, norm, clip);
+    update (AdamW)."""
+
+    def __init__(self, model: TelechatForCausalLM, optimizer: AdamW, world: int, clip: float | None, graph: bool):
+        hyper_map = ops.HyperMap()
+
+        def loss_fn(input_ids, cos, sin, segment_ids, labels, weight):
+            return model(input_ids, cos, sin, segment_ids, labels) * weight
+
+        grad_fn = ms.value_and_grad(loss_fn, None, optimizer.params)
+        if world > 1:
+            from mindspore.communication import GlobalComm
+            reducer = nn.DistributedGradReducer(optimizer.params, mean=False, group=GlobalComm.WORLD_COMM_GROUP)
+            all_reduce = ops.AllReduce(group=GlobalComm.WORLD_COMM_GROUP)
+
+            def sum_over_ranks(loss, grads):
+                return all_reduce(loss), reducer(grads)
+        else:
+            def sum_over_ranks(loss, grads):
+                return loss, grads
+
+        def grad(input_ids, cos, sin, segment_ids, labels, weight):
+            return grad_fn(input_ids, cos, sin, segment_ids, labels, weight)
+
+        def accumulate(loss, grads, more_loss, more_grads):
+            return loss + more_loss, hyper_map(ops.add, grads, more_grads)
+
+        def finish(loss, grads, inv_scale):
+            loss, grads = sum_over_ranks(loss, grads)
+            grads = hyper_map(ops.partial(ops.mul, inv_scale), grads)
+            norm = ops.sqrt(ops.addn([ops.square(g).sum() for g in grads]))
+            if clip is not None:
+                grads = hyper_map(ops.partial(ops.mul, ops.minimum(clip / (norm + 1e-6), 1.0)), grads)
+            return loss * inv_scale, grads, norm
+
+        def update(grads, decay_factor, step_size, bias_correction2_sqrt):
+            optimizer(grads, decay_factor, step_size, bias_correction2_sqrt)
+
+        compile_ = _compiled if graph else (lambda f: f)
+        self.grad, self.accumulate, self.finish, self.update = map(compile_, (grad, accumulate, finish, update))
+
+
+def _compiled(fn):
+    """ms.jit(fn), with tuple arguments (the gradients) passed as variables: a plain tuple of tensors is a constant
+    of the graph, which would recompile it at every call."""
+    compiled = ms.jit(fn)
+    return lambda *args: compiled(*(ms.mutable(a) if isinstance(a, tuple) else a for a in args))
+
+
+# ---- checkpointing ------------------------------------------------------------------------------------------------
+
+def save_checkpoint(checkpoints: Path, step: int, keep_last: int, model, optimizer: AdamW, state: dict) -> None:
+    name = checkpoint_name(step)
+    with atomic_output_dir(checkpoints / name, force=True) as tmp:
+        save_pretrained(model, tmp / "model")
+        moments = [{"name": p.name, "data": p} for p in (*optimizer.moments1, *optimizer.moments2)]
+        ms.save_checkpoint(moments, str(tmp / "optimizer.ckpt"))
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+    write_latest(checkpoints, name, keep_last)
+
+
+def trainer_state(step: int, plan: Plan, updates: int, scaler: LossScaler, world: int) -> dict:
+    """What resuming needs besides weights and moments. The data position follows from the step (DataOrder is a
+    pure function of it); epoch and batch_in_epoch are recorded for people."""
+    epoch, index = plan.order.position(step)
+    return {"step": step, "epoch": epoch, "batch_in_epoch": index, "total_steps": plan.total_steps,
+            "optimizer_updates": updates, "loss_scale": dataclasses.asdict(scaler), "world_size": world,
+            "data": {"rows": plan.order.num_rows, "global_batch": plan.order.global_batch, "seed": plan.order.seed}}
+
+
+def load_trainer_state(folder: Path, plan: Plan) -> dict:
+    """The checkpoint's trainer state, checked against this run's data order (rows, global batch, seed): resuming
+    with another order would silently train on other data."""
+    state = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+    order = plan.order
+    for key, now in (("rows", order.num_rows), ("global_batch", order.global_batch), ("seed", order.seed)):
+        if state["data"][key] != now:
+            raise TeleChatError(f"{folder}: the checkpoint was trained with data {key} {state['data'][key]}, this "
+                                f"run has {now}; resume with the same dataset, global batch and seed")
+    return state
+
+
+def load_moments(folder: Path, optimizer: AdamW) -> None:
+    saved = ms.load_checkpoint(str(folder / "optimizer.ckpt"))
+    for moment in (*optimizer.moments1, *optimizer.moments2):
+        if moment.name not in saved:
+            raise TeleChatError(f"{folder / 'optimizer.ckpt'}: no {moment.name}")
+        moment.set_data(saved[moment.name])
+
+
+def weights_digest(model) -> str:
+    digest = hashlib.sha256()
+    for parameter in model.get_parameters():
+        digest.update(parameter.name.encode())
+        digest.update(parameter.asnumpy().tobytes())
+    return digest.hexdigest()
+
+
+# ---- the loop -----------------------------------------------------------------------------------------------------
+
+def train(config: TrainConfig, resume: bool = False) -> None:
+    rank, world = setup(config)
+    out = Path(config.runner.output_dir)
+    checkpoints = out / "checkpoints"
+    resume_from = read_latest(checkpoints)
+    if resume and resume_from is None:
+        raise TeleChatError(f"--resume: no checkpoint in {checkpoints}")
+    if not resume and resume_from is not None:
+        raise TeleChatError(f"{out} already holds checkpoints; pass --resume to continue, or choose another "
+                            f"runner.output_dir")
+
+    model_source = resume_from / "model" if resume_from else config.model.path or config.model.preset
+    dataset = open_dataset(config, TeleChatConfig.load(model_source).pad_token_id)
+    seq_len = len(dataset[0]["input_ids"])
+    plan = Plan.make(config, len(dataset))
+    state = load_trainer_state(resume_from, plan) if resume_from else None
+    if state and state["total_steps"] != plan.total_steps:
+        print(f"note: the checkpoint's run was {state['total_steps']} steps, this one is {plan.total_steps}: the "
+              f"learning-rate schedule changes from here")
+
+    model = build_model(config, resume_from)
+    optimizer = AdamW(model.trainable_params(), config.optimizer.betas, config.optimizer.eps)
+    scaler = LossScaler.from_config(config.loss_scale)
+    start, updates = 0, 0
+    if state:
+        load_moments(resume_from, optimizer)
+        start, updates = state["step"], state["optimizer_updates"]
+        scaler = LossScaler(**state["loss_scale"])
+    # Dropout masks: a fresh stream per rank and (re)start, seeded from (seed, rank, start step). MindSpore's compiled
+    # random kernels keep their own state, which no API saves or restores, so with dropout a resumed run differs from
+    # an uninterrupted one (without dropout it is identical).
+    ms.set_seed(int(np.random.SeedSequence([config.runner.seed, rank, start]).generate_state(1)[0]) % 2 ** 31)
+    steps = StepFunctions(model, optimizer, world, config.clip_grad, config.context.mode == "GRAPH")
+
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
+        log = LossLogWriter(out / "loss_log.jsonl", start if state else None)
+        print(f"training {plan.total_steps} steps ({plan.order.steps_per_epoch} per epoch, global batch "
+              f"{plan.order.global_batch} = {config.runner.batch_size} x {world} workers x "
+              f"{config.runner.gradient_accumulation_steps} accumulation), from step {start}", flush=True)
+
+    for step in range(start, plan.total_steps):
+        began = time.perf_counter()
+        global_rows = stack_rows(dataset, plan.order.global_rows(step))
+        total_targets = max(target_count(global_rows["labels"]), 1)
+        tokens = int((global_rows["segment_ids"] > 0).sum())
+        loss = grads = None
+        for rows in plan.order.micro_batches(step, rank):
+            batch = stack_rows(dataset, rows)
+            cos, sin = model.rope(batch["position_ids"], seq_len)
+            weight = Tensor(target_count(batch["labels"]) / total_targets * scaler.scale, ms.float32)
+            micro = steps.grad(Tensor(batch["input_ids"]), cos, sin, Tensor(batch["segment_ids"]),
+                               Tensor(batch["labels"]), weight)
+            loss, grads = micro if grads is None else steps.accumulate(loss, grads, *micro)
+        loss, grads, norm = steps.finish(loss, grads, Tensor(1.0 / scaler.scale, ms.float32))
+        loss, norm = float(loss), float(norm)
+        finite = math.isfinite(norm)  # the sum over ranks carries any worker's inf/nan into every rank's norm
+        lr = plan.lr(step)
+        if finite:
+            updates += 1
+            scalars = adamw_scalars(lr, config.optimizer.weight_decay, config.optimizer.betas, updates)
+            steps.update(grads, *scalars)
+        scaler.update(finite)
+        if ms.get_context("device_target") != "CPU":  # CPU kernels run synchronously; elsewhere time the whole step
+            ms.runtime.synchronize()
+        elapsed = time.perf_counter() - began
+        done = step + 1
+
+        if rank == 0:
+            log.write(done, loss if math.isfinite(loss) else None, lr, norm if finite else None, tokens,
+                      plan.order.global_batch / elapsed, tokens / elapsed, world, seq_len, skipped=not finite)
+            if done % config.runner.log_every == 0 or done == plan.total_steps:
+                print(f"step {done}/{plan.total_steps} loss {loss:.4f} lr {lr:.3e} grad_norm {norm:.3f} "
+                      f"{tokens / elapsed:.0f} tokens/s {elapsed:.3f} s/step"
+                      + (f" skipped (overflow; loss scale now {scaler.scale:g})" if not finite else ""), flush=True)
+            if done % config.runner.save_steps == 0 or done == plan.total_steps:
+                save_checkpoint(checkpoints, done, config.runner.keep_last, model, optimizer,
+                                trainer_state(done, plan, updates, scaler, world))
+
+    print(f"rank {rank}: final weights sha256 {weights_digest(model)}", flush=True)
+    if rank == 0:
+        log.close()
+        with atomic_output_dir(out / "final", force=True) as tmp:
+            save_pretrained(model, tmp / "mindspore")
+            convert_checkpoint(tmp / "mindspore", tmp / "hf", to="hf")
+        print(f"saved {out / 'final'} (mindspore/ and hf/)", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mindspore_impl.train", description=__doc__.split("\n\n")[0])
+    add_run_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        train(run_config(args), args.resume)
+    except TeleChatError as error:
+        print(f"mindspore_impl.train: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
