@@ -21,7 +21,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from pytorch_npu import ops
+from pytorch_npu import ops, quant
 from pytorch_npu.chat import chat
 from pytorch_npu.configuration_telechat import TelechatConfig
 
@@ -191,6 +191,8 @@ class TelechatForCausalLM(TelechatPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.transformer = TelechatModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if getattr(config, "quantization", None):  # an int8 folder written by `telechat-ascend quantize`
+            quant.replace_linears(self, config.quantization)
         self.post_init()
 
     def get_output_embeddings(self) -> nn.Linear:

@@ -146,7 +146,24 @@ def _add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repetition-penalty", type=float, default=None)
 
 
-def build_parser() -> argparse.ArgumentParser:
+# Commands whose parsers import torch: registered for real only when asked for, so the others start fast.
+TORCH_COMMANDS = {"quantize": "write an int8 (w8a16 or w8a8) copy of a model",
+                  "eval-quant": "perplexity and greedy agreement of an int8 model against its float model"}
+
+
+def _add_torch_commands(commands, argv: list[str]) -> None:
+    if not set(argv[:1]) & set(TORCH_COMMANDS):
+        for name, text in TORCH_COMMANDS.items():
+            commands.add_parser(name, help=text, add_help=False)
+        return
+    try:
+        from pytorch_npu.quantize import add_quant_commands
+    except ImportError as error:
+        raise SystemExit(f"telechat-ascend {argv[0]}: needs pip install 'telechat-ascend[torch]': {error}")
+    add_quant_commands(commands)
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="telechat-ascend",
                                      description="Train and serve TeleChat on Ascend NPUs (MindSpore and torch-npu).")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -213,11 +230,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--peak-tflops", type=float, help="the device's dense fp16/bf16 peak (overrides the table)")
     bench.add_argument("--compare", choices=["7B", "12B"], help="only the published rows of this model")
     bench.set_defaults(run=_bench)
+
+    _add_torch_commands(commands, sys.argv[1:] if argv is None else argv)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     try:
         return args.run(args) or 0
     except TeleChatError as error:

@@ -28,3 +28,14 @@ def tiny_dir(tmp_path_factory):
 def tiny_tokenizer(tiny_dir):
     from telechat_ascend.tokenizer import TeleChatTokenizer
     return TeleChatTokenizer.from_pretrained(tiny_dir)
+
+
+@pytest.fixture(scope="module", params=("2.13.0", "2.5.1"))
+def version(request):
+    """A torch-npu release whose op schemas the NPU call sites are checked against (its wheel is downloaded once)."""
+    import npu_schema
+    try:
+        npu_schema.schema_strings(request.param)
+    except npu_schema.WheelUnavailable as exc:
+        pytest.skip(f"torch-npu {request.param} wheel not cached and not downloadable: {exc}")
+    return request.param

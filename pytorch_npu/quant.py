@@ -1,0 +1,283 @@
+"""Int8 linear layers for TeleChat: W8A16 and W8A8 on real int8 kernels, and the hook that builds them at load time.
+
+Format (one Int8Linear replaces one nn.Linear, same state-dict prefix):
+    weight        int8 [N, K]  the nn.Linear layout, symmetric (no zero point): W ≈ weight · weight_scale
+    weight_scale  fp16 [N]     one scale per output row, or [N, K / group_size] per group of consecutive inputs
+    input_scale   fp32 []      w8a8 only: static per-tensor activation scale (310P has no per-token scales)
+    bias          float [N]    dense and down_proj only, kept in float
+
+Per-row scales make the fused key_value projection safe without de-interleaving its rows: every row ([K_0; V_0;
+K_1; V_1; ...]) carries its own scale, so the per-head interleave never mixes rows under one scale. Groups run
+along K (the input dimension) only, for the same reason.
+
+Kernels, by device and chip (`int8_kernel`):
+
+| method | 910b, a3                     | 310p                                | cpu, ≤ 16 rows, K % 8 = 0 | otherwise |
+|--------|------------------------------|-------------------------------------|---------------------------|-----------|
+| w8a16  | npu_weight_quant_batchmatmul | same, fp16, per channel only        | _weight_int8pack_mm       | dequant   |
+| w8a8   | npu_quant_matmul             | same, weight cast to NZ, int32 bias | _weight_int8pack_mm       | dequant   |
+
+On CPU torch's int8-weight kernel (`_weight_int8pack_mm`) is vectorized for bf16 activations only (fp32 and fp16
+take a scalar loop several times slower than an fp32 matmul), so decode-sized inputs go through it in bf16 and come
+back in the caller's dtype. W8A8 feeds it the activations already rounded to the int8 grid (integers are exact in
+bf16) and applies the activation scale afterwards: the result is the int8 × int8 product. torch's CPU int8 × int8
+GEMM (`_int_mm`) measured 3-20× slower than fp32 on an AVX2 CPU, and oneDNN's u8s8 path saturates int16 without
+VNNI. For prefill-sized inputs the matmul is compute-bound and the int8 kernel is slower than a float GEMM, so
+"dequant" rebuilds this one layer's float weight for the call (never the whole model) and runs an fp32 matmul; for
+w8a8 it multiplies the integer-valued activations and weights exactly as the int8 GEMM would.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from telechat_ascend.errors import TeleChatError
+
+from .device import load_torch_npu, normalize_chip, npu_chip
+
+METHODS = ("w8a16", "w8a8")
+LINEARS = ("query", "key_value", "dense", "gate_proj", "up_proj", "down_proj")  # embeddings, norms, lm_head stay float
+QMAX = 127  # symmetric int8: -128 is never used, so negation stays exact
+CPU_DECODE_ROWS = 16  # at most this many rows per call take the CPU int8 kernel; more are prefill (see above)
+ACL_FORMAT_FRACTAL_NZ = 29
+
+
+def check_quantization(quantization: dict) -> tuple[str, int, list[str]]:
+    """(method, group_size, float_modules) of a config.json `quantization` section, validated."""
+    if not isinstance(quantization, dict):
+        raise TeleChatError(f"config field 'quantization' must be an object, got {quantization!r}")
+    method = quantization.get("method")
+    if method not in METHODS:
+        raise TeleChatError(f"unknown quantization method {method!r}: expected one of {', '.join(METHODS)}")
+    group_size = quantization.get("group_size", 0)
+    if type(group_size) is not int or group_size < 0 or (group_size and group_size % 32):
+        raise TeleChatError(f"quantization group_size must be 0 (per channel) or a positive multiple of 32 (the NPU "
+                            f"kernel's rule), got {group_size!r}")
+    if group_size and method == "w8a8":
+        raise TeleChatError("w8a8 takes per-channel weight scales only: npu_quant_matmul has no weight groups")
+    keep = quantization.get("float_modules", [])
+    if not isinstance(keep, list) or not all(isinstance(name, str) for name in keep):
+        raise TeleChatError(f"quantization float_modules must be a list of module names, got {keep!r}")
+    return method, group_size, keep
+
+
+# --- quantization math ---------------------------------------------------------------------------------------------
+
+def quantize_weight(weight: torch.Tensor, group_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 [N, K], fp16 scale [N] or [N, K / group_size]): symmetric absmax per output row or per group along K.
+
+    The scale is rounded to fp16 before dividing, so int8 · stored scale is the nearest grid point to the weight."""
+    n, k = weight.shape
+    if group_size and k % group_size:
+        raise TeleChatError(f"group size {group_size} does not divide the input dimension {k}")
+    w = weight.detach().float().reshape(n, -1, group_size or k)
+    scale = (w.abs().amax(-1) / QMAX).clamp(min=torch.finfo(torch.float16).tiny).half()
+    q = torch.round(w / scale.float()[..., None]).clamp(-QMAX, QMAX).to(torch.int8).reshape(n, k)
+    return q, scale if group_size else scale[:, 0]
+
+
+def dequantize_weight(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """fp32 [N, K] = q · scale, the scale broadcast over its row or group."""
+    n, k = q.shape
+    groups = scale.float().reshape(n, -1)
+    return (q.reshape(n, groups.shape[1], -1) * groups[..., None]).reshape(n, k)  # int8 · fp32 gives fp32
+
+
+def round_activation(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x / scale rounded and clamped to the int8 grid, as fp32 integers."""
+    return (x.float() / scale.float()).round_().clamp_(-QMAX, QMAX)
+
+
+# --- kernels -------------------------------------------------------------------------------------------------------
+
+def _device_type(x: torch.Tensor) -> str:
+    # The one place the device is read, so the tests can drive the NPU branches on CPU with a fake torch_npu.
+    return x.device.type
+
+
+def int8_kernel(device_type: str, chip: str, method: str, rows: int, in_features: int, group_size: int) -> str:
+    """Which implementation an Int8Linear call runs (see the module docstring)."""
+    if device_type == "npu":
+        if chip == "310p" and group_size:
+            raise TeleChatError("Atlas 300I (310P) runs npu_weight_quant_batchmatmul per channel only; quantize "
+                                "without --group-size for this card")
+        return "npu_quant_matmul" if method == "w8a8" else "npu_weight_quant_batchmatmul"
+    # The CPU kernel loads bf16 rows with aligned 16-byte loads: K must be a multiple of 8.
+    if device_type == "cpu" and rows <= CPU_DECODE_ROWS and in_features % 8 == 0 and not group_size:
+        return "int8pack_mm"
+    return "dequant"
+
+
+def _npu_weight_quant_batchmatmul_args(x, weight, scale, bias, group_size):
+    # x (M, K) fp16/bf16; the weight's logical (K, N) is the transposed view of [N, K] (the layout the docs recommend
+    # per channel); the scale is (N,) per channel or (K / group, N) per group, in x's dtype.
+    kwargs = {"bias": bias, "antiquant_group_size": group_size}
+    return (x, weight.t(), scale.t() if group_size else scale), kwargs
+
+
+def _npu_quant_matmul_args(x_int8, weight, scale, bias, output_dtype):
+    # weight: [N, K] int8 (NZ on 310P), passed as its transposed view (K, N); scale fp32 (N,) (fp16 is rejected);
+    # bias int32 in accumulator units, the one bias dtype every chip takes.
+    return (x_int8, weight.t(), scale), {"bias": bias, "output_dtype": output_dtype}
+
+
+class Int8Linear(nn.Module):
+    """nn.Linear with int8 weights: y = x · (weight ⊙ weight_scale)ᵀ + bias, and for w8a8 x first rounded to the
+    int8 grid of input_scale. Inference only: the state is buffers."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, method: str, group_size: int = 0):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.method, self.group_size = method, group_size
+        self.chip: str | None = None  # None: the chip of the device the call runs on
+        scale_shape = (out_features, in_features // group_size) if group_size else (out_features,)
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(scale_shape, dtype=torch.float16))
+        self.register_buffer("input_scale", torch.ones((), dtype=torch.float32) if method == "w8a8" else None)
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self._npu_operands = None  # (key, operands): see _operands
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, method: str, group_size: int = 0,
+                   input_scale: float | None = None) -> Int8Linear:
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None, method, group_size)
+        module.weight, module.weight_scale = quantize_weight(linear.weight, group_size)
+        if method == "w8a8":
+            module.input_scale = torch.tensor(input_scale, dtype=torch.float32)
+        if linear.bias is not None:
+            module.bias = linear.bias.detach().clone()
+        return module.to(linear.weight.device)
+
+    def extra_repr(self) -> str:
+        groups = f", group_size={self.group_size}" if self.group_size else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, method={self.method}{groups}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        device_type = _device_type(x)
+        chip = self.chip or (npu_chip() if device_type == "npu" else device_type)
+        kernel = int8_kernel(device_type, chip, self.method, x2.shape[0], self.in_features, self.group_size)
+        if kernel == "npu_weight_quant_batchmatmul":
+            y = self._npu_w8a16(x2, chip)
+        elif kernel == "npu_quant_matmul":
+            y = self._npu_w8a8(x2, chip)
+        elif kernel == "int8pack_mm":
+            y = self._int8pack_mm(x2)
+        else:
+            y = self._dequant(x2)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def _activation(self, x2: torch.Tensor) -> torch.Tensor:
+        return round_activation(x2, self.input_scale) if self.method == "w8a8" else x2
+
+    def _row_scale(self) -> torch.Tensor:
+        """fp32 [N]: the weight scale, times the activation scale for w8a8 (what multiplies the integer product)."""
+        scale = self.weight_scale.float()
+        return scale * self.input_scale.float() if self.method == "w8a8" else scale
+
+    def _int8pack_mm(self, x2):
+        # A fresh contiguous bf16 copy: the kernel's aligned loads crash on an offset view (e.g. hidden[:, -1:]).
+        a = self._activation(x2).to(torch.bfloat16, memory_format=torch.contiguous_format, copy=True)
+        y = torch._weight_int8pack_mm(a, self.weight, self._row_scale().to(torch.bfloat16))
+        return y if self.bias is None else y.float() + self.bias.float()
+
+    def _dequant(self, x2):
+        # This layer's weight only, for this call. Per-channel scales go on the output (x·(q·s)ᵀ = (x·qᵀ)·s), so w8a8
+        # multiplies the integer activations and weights exactly in fp32, as the int8 GEMM would.
+        a = self._activation(x2).float()
+        if self.group_size:
+            y = F.linear(a, dequantize_weight(self.weight, self.weight_scale))
+        else:
+            y = F.linear(a, self.weight.float()) * self._row_scale()
+        return y if self.bias is None else y + self.bias.float()
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._npu_operands = None  # derived from the state being replaced in place
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _operands(self, chip: str, dtype: torch.dtype):
+        """The NPU kernels' operands, derived once instead of on every token; rebuilt when the module moves, a buffer
+        is replaced, or the chip or activation dtype changes."""
+        key = (self.weight.device, chip, dtype, tuple(t.data_ptr() for t in self.buffers()))
+        if self._npu_operands is None or self._npu_operands[0] != key:
+            if self.method == "w8a16":
+                # 310P and fp16 x: fp16 bias; bf16 x (A2): fp32 bias. The scale is in x's dtype.
+                bias = None if self.bias is None else self.bias.to(torch.float16 if dtype == torch.float16
+                                                                   else torch.float32)
+                operands = (self.weight, self.weight_scale.to(dtype), bias)
+            else:
+                scale = self._row_scale()
+                bias = None if self.bias is None else torch.round(self.bias.float() / scale).to(torch.int32)
+                weight = self.weight
+                if chip == "310p":  # 310P takes the weight transposed and in the NZ layout only
+                    weight = load_torch_npu().npu_format_cast(weight.contiguous(), ACL_FORMAT_FRACTAL_NZ)
+                operands = (weight, scale, bias)
+            self._npu_operands = (key, operands)
+        return self._npu_operands[1]
+
+    def _npu_w8a16(self, x2, chip):
+        # The kernel takes fp16 or bf16 x; 310P fp16 only.
+        dtype = x2.dtype if x2.dtype == torch.bfloat16 and chip != "310p" else torch.float16
+        weight, scale, bias = self._operands(chip, dtype)
+        args, kwargs = _npu_weight_quant_batchmatmul_args(x2.to(dtype), weight, scale, bias, self.group_size)
+        return load_torch_npu().npu_weight_quant_batchmatmul(*args, **kwargs)
+
+    def _npu_w8a8(self, x2, chip):
+        dtype = x2.dtype if x2.dtype == torch.bfloat16 and chip != "310p" else torch.float16
+        weight, scale, bias = self._operands(chip, dtype)
+        x_int8 = round_activation(x2, self.input_scale).to(torch.int8)
+        args, kwargs = _npu_quant_matmul_args(x_int8, weight, scale, bias, dtype)
+        return load_torch_npu().npu_quant_matmul(*args, **kwargs)
+
+
+# --- model surgery -------------------------------------------------------------------------------------------------
+
+def quantizable_linears(model: nn.Module) -> list[str]:
+    """Names of the nn.Linear modules the int8 formats quantize, in model order."""
+    return [name for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in LINEARS]
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, module)
+
+
+def replace_linears(model: nn.Module, quantization: dict) -> nn.Module:
+    """Swap the quantizable nn.Linear modules of a TeleChat model for empty Int8Linear ones, as the config's
+    `quantization` section says; from_pretrained then loads the int8 state straight into them. Called from
+    TelechatForCausalLM.__init__, so no float copy of the weights is ever loaded."""
+    method, group_size, keep = check_quantization(quantization)
+    names = quantizable_linears(model)
+    unknown = sorted(set(keep) - set(names))
+    if unknown:
+        raise TeleChatError(f"quantization float_modules names modules this model does not have: {unknown[:3]}")
+    for name in names:
+        if name not in keep:
+            linear = model.get_submodule(name)
+            set_module(model, name, Int8Linear(linear.in_features, linear.out_features, linear.bias is not None,
+                                               method, group_size))
+    return model
+
+
+def set_chip(model: nn.Module, chip: str | None) -> None:
+    """Run every Int8Linear under `chip`'s kernel policy (e.g. "310p"), or the detected chip with None."""
+    chip = normalize_chip(chip) if chip else None
+    for module in model.modules():
+        if isinstance(module, Int8Linear):
+            module.chip = chip
+
+
+def weight_bytes(model: nn.Module) -> dict[str, int]:
+    """Bytes of the model's state by kind: int8 weights, their scales, and every float tensor."""
+    sizes = {"int8": 0, "scales": 0, "float": 0}
+    seen = set()
+    for name, tensor in model.state_dict().items():
+        if tensor.data_ptr() in seen:  # a tied lm_head is the embedding
+            continue
+        seen.add(tensor.data_ptr())
+        kind = "int8" if tensor.dtype == torch.int8 else "scales" if name.endswith("_scale") else "float"
+        sizes[kind] += tensor.numel() * tensor.element_size()
+    return sizes
