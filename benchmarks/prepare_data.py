@@ -28,7 +28,8 @@ def make_corpus(sources: list[Path], target_bytes: int, folder: Path) -> Path:
             for record in lines:
                 line = json.dumps({"input": f"{record['input']} ({copy})", "output": record["output"]},
                                   ensure_ascii=False) + "\n"
-                written += out.write(line)
+                written += len(line.encode("utf-8"))
+                out.write(line)
             copy += 1
     return corpus
 

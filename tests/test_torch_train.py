@@ -1,6 +1,7 @@
 """The PyTorch trainer under torchrun on the CPU (gloo): DDP and DeepSpeed ZeRO-2/3 against one process with the
 same global batch, exact resume after a kill, and the same losses as the MindSpore trainer."""
 
+import json
 import os
 import signal
 import subprocess
@@ -119,3 +120,22 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(workspace, single):
     launch(config, 1, "--resume")
     assert losses(workspace / "killed") == pytest.approx(losses(single), abs=1e-6)
     assert_same_run(single, workspace / "killed", 1e-6)
+
+
+def test_bf16_autocast_run_trains(workspace):
+    config = write_config(workspace, "bf16", 1, 4, max_steps=2)
+    values = yaml.safe_load(config.read_text())
+    values["model"]["dtype"], values["amp_level"] = "bf16", "O2"
+    config.write_text(yaml.safe_dump(values))
+    launch(config)
+    records = read_loss_log(workspace / "bf16" / "loss_log.jsonl")
+    assert len(records) == 2 and all(r["loss"] > 0 for r in records)
+
+
+def test_parity_across_backends_from_the_cli(workspace, capsys):
+    from telechat_ascend.cli import main
+    assert main(["parity", "--backends", "torch,mindspore", "--model", str(workspace / "init"), "--data",
+                 str(workspace / "data"), "--steps", "3", "--out", str(workspace / "parity"), "--json",
+                 str(workspace / "parity.json")]) == 0
+    verdict = json.loads((workspace / "parity.json").read_text())
+    assert verdict["passed"] and len(verdict["steps"]) == 3 and verdict["max_abs_difference"] < 1e-4
