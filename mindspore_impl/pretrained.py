@@ -12,9 +12,10 @@ import mindspore as ms
 from mindspore import Parameter, Tensor
 
 from mindspore_impl.model import TelechatForCausalLM
-from telechat_ascend.checkpoint import atomic_output_dir, copy_side_files, mindspore_writer
+from telechat_ascend.checkpoint import MS_CKPT, atomic_output_dir, copy_side_files
 from telechat_ascend.convert import ConvertedTensors
 from telechat_ascend.errors import TeleChatError
+from telechat_ascend.mindspore_ckpt import CkptWriter
 
 COMPUTE_DTYPES = {"fp32": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}
 
@@ -40,7 +41,7 @@ def save_pretrained(model: TelechatForCausalLM, folder: str | Path, force: bool 
     """A MindSpore checkpoint folder: mindspore_model.ckpt (MindFormers names) and config.json, plus the tokenizer
     and generation_config.json of the folder the model was loaded from."""
     with atomic_output_dir(folder, force) as out:
-        writer = mindspore_writer(out, "ckpt", 0)
+        writer = CkptWriter(out / MS_CKPT)
         for parameter in model.get_parameters():
             writer.add(parameter.name, parameter.asnumpy())
         writer.close()

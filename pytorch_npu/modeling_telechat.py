@@ -37,7 +37,10 @@ class TelechatRMSNorm(nn.Module):
 
 
 class TelechatRotaryEmbedding(nn.Module):
-    """cos/sin [B, S, 1, D] for the given positions, duplicated halves ([θ, θ]) as rotate_half expects."""
+    """cos/sin [B, S, 1, D] for the given positions, duplicated halves ([θ, θ]) as rotate_half expects.
+
+    The same steps as telechat_ascend.rope (which the MindSpore backend uses), but on the positions' device, so that
+    decoding needs no host round trip per token."""
 
     def __init__(self, config: TelechatConfig):
         super().__init__()

@@ -74,14 +74,13 @@ def _convert(args: argparse.Namespace) -> None:
 
 def _load_backend(args: argparse.Namespace):
     """(inference module, model, tokenizer) of --backend; both modules offer the same functions."""
-    extra = {"torch": "torch", "mindspore": "mindspore"}[args.backend]
     try:
         if args.backend == "torch":
             from pytorch_npu import inference
         else:
             from mindspore_impl import inference
     except ImportError as error:
-        raise TeleChatError(f"--backend {args.backend} needs pip install 'telechat-ascend[{extra}]': {error}") from None
+        raise TeleChatError(f"--backend {args.backend} needs pip install 'telechat-ascend[{args.backend}]': {error}") from None
     model, tokenizer = inference.load_model(args.model, args.device, args.dtype)
     return inference, model, tokenizer
 
