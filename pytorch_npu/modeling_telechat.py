@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
@@ -57,6 +57,50 @@ class TelechatRotaryEmbedding(nn.Module):
         if self.fp16_tables:
             cos, sin = cos.half(), sin.half()
         return (mscale * cos).to(dtype), (mscale * sin).to(dtype)
+
+
+class TelechatCacheLayer(DynamicLayer):
+    """A DynamicLayer whose keys and values are views into buffers with room to spare, so a decoding step writes its
+    one position in place instead of copying the whole cache (DynamicLayer's torch.cat moves every cached token per
+    step and layer: as much memory traffic as attention itself). The buffers are [B, S, N, D], the layout attention
+    reads, shown as DynamicLayer's [B, N, S, D]; they grow GROWTH positions beyond what is needed. Whatever replaces
+    `keys` with a new tensor (beam reordering, batch selection) is copied into fresh buffers at the next update; with
+    gradients enabled, updates concatenate as DynamicLayer does, since autograd cannot follow in-place writes."""
+
+    GROWTH = 256
+
+    def update(self, key_states, value_states, cache_kwargs=None):
+        if torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad):
+            return super().update(key_states, value_states, cache_kwargs)
+        if not self.is_initialized:
+            self.lazy_initialization(key_states)
+            self.key_buffer = self.value_buffer = None
+        cached = self.get_seq_length()
+        total = cached + key_states.shape[-2]
+        if self.key_buffer is None or self.keys._base is not self.key_buffer or total > self.key_buffer.shape[1]:
+            self.key_buffer = self._grown(self.keys, key_states, cached, total + self.GROWTH)
+            self.value_buffer = self._grown(self.values, value_states, cached, total + self.GROWTH)
+        self.key_buffer[:, cached:total] = key_states.transpose(1, 2)
+        self.value_buffer[:, cached:total] = value_states.transpose(1, 2)
+        self.keys = self.key_buffer[:, :total].transpose(1, 2)
+        self.values = self.value_buffer[:, :total].transpose(1, 2)
+        return self.keys, self.values
+
+    @staticmethod
+    def _grown(held: torch.Tensor, new: torch.Tensor, cached: int, capacity: int) -> torch.Tensor:
+        batch, heads, _, dim = new.shape
+        buffer = new.new_empty(batch, capacity, heads, dim)
+        if cached:
+            buffer[:, :cached] = held.transpose(1, 2)
+        return buffer
+
+
+class TelechatCache(DynamicCache):
+    """A DynamicCache of TelechatCacheLayers: what forward() starts when asked for a cache and given none."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer_class_to_replicate = TelechatCacheLayer
 
 
 class TelechatAttention(nn.Module):
@@ -157,7 +201,7 @@ class TelechatModel(TelechatPreTrainedModel):
         if self.gradient_checkpointing and self.training:
             use_cache = False
         if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+            past_key_values = TelechatCache()
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
         total = past + length
         if attention_mask is None:
@@ -200,6 +244,11 @@ class TelechatForCausalLM(TelechatPreTrainedModel, GenerationMixin):
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        # generate() would start a plain DynamicCache; without one, forward() starts a TelechatCache.
+        return False
 
     def chat(self, tokenizer, question: str, history: list[dict] | None = None, generation_config=None,
              stream: bool = False, **generate_kwargs):

@@ -2,9 +2,11 @@
 
 import pytest
 import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 import pytorch_npu  # noqa: F401
 from pytorch_npu import TelechatForCausalLM
+from pytorch_npu.modeling_telechat import TelechatCache, TelechatCacheLayer
 from pytorch_npu.chat import TextChunkStreamer
 from telechat_ascend.cli import main
 from telechat_ascend.initialize import init_checkpoint
@@ -128,3 +130,44 @@ def test_cli_refuses_a_folder_that_is_not_telechat(tmp_path, capsys):
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')
     assert main(["generate", "--model", str(tmp_path), "--prompt", "x"]) == 1
     assert "'model_type' is 'llama'" in capsys.readouterr().err
+
+
+def test_preallocated_cache_returns_what_concatenation_returns(monkeypatch):
+    """TelechatCacheLayer against transformers' DynamicLayer (torch.cat), across buffer growth and a replaced
+    `keys` (as beam reordering does), with no gradients."""
+    monkeypatch.setattr(TelechatCacheLayer, "GROWTH", 3)
+    ours, reference = TelechatCacheLayer(), DynamicLayer()
+    generator = torch.Generator().manual_seed(0)
+    for step, length in enumerate([5, 1, 1, 1, 4, 1, 1, 1, 1]):
+        k, v = (torch.randn(2, 3, length, 4, generator=generator) for _ in range(2))
+        with torch.no_grad():
+            got, want = ours.update(k, v), reference.update(k, v)
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), f"step {step}"
+        if step == 5:
+            ours.reorder_cache(torch.tensor([1, 0]))
+            reference.reorder_cache(torch.tensor([1, 0]))
+    assert ours.get_seq_length() == reference.get_seq_length() == 16
+
+
+def test_generate_uses_the_preallocated_cache_and_beam_search_matches_dynamic_cache(model):
+    prompt = torch.tensor([[20, 300, 301, 302, 21]])
+    settings = dict(max_new_tokens=8, min_new_tokens=8, num_beams=3, do_sample=False, repetition_penalty=1.0,
+                    eos_token_id=None, return_dict_in_generate=True)
+    with torch.no_grad():
+        ours = model.generate(prompt, **settings)
+        reference = model.generate(prompt, past_key_values=DynamicCache(), **settings)
+    assert isinstance(ours.past_key_values, TelechatCache)
+    assert torch.equal(ours.sequences, reference.sequences)
+
+
+def test_cache_with_gradients_falls_back_to_concatenation(model):
+    """With autograd on, in-place writes into the buffers would break backward; the cache concatenates instead."""
+    ids = torch.tensor([[20, 300, 301, 302, 21, 40]])
+    full = model(ids, use_cache=False).logits
+    first = model(ids[:, :4], use_cache=True)
+    second = model(ids[:, 4:], past_key_values=first.past_key_values, use_cache=True)
+    stepwise = torch.cat([first.logits, second.logits], 1)
+    torch.testing.assert_close(stepwise, full, rtol=0, atol=1e-5)
+    stepwise.sum().backward()
+    assert model.lm_head.weight.grad is not None
+    model.zero_grad()
