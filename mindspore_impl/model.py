@@ -79,6 +79,7 @@ class Attention(nn.Cell):
         self.wo = Linear(h, h, True, std)
         self.attention_dropout = config.attention_dropout
         self.fused = fused
+        self.scores_matmul, self.context_matmul = ops.BatchMatMul(), ops.BatchMatMul()  # primitives: shardable
 
     def construct(self, x, cos, sin, bias, past_k=None, past_v=None):
         b, s, _ = x.shape
@@ -104,11 +105,11 @@ class Attention(nn.Cell):
         q = q.transpose(0, 2, 1, 3)
         k = ops.repeat_interleave(k, groups, 2).transpose(0, 2, 3, 1) if groups > 1 else k.transpose(0, 2, 3, 1)
         v = ops.repeat_interleave(v, groups, 2).transpose(0, 2, 1, 3) if groups > 1 else v.transpose(0, 2, 1, 3)
-        scores = ops.matmul(q, k).astype(ms.float32) * self.scale + bias
+        scores = self.scores_matmul(q, k).astype(ms.float32) * self.scale + bias
         probs = ops.softmax(scores, -1).astype(q.dtype)
         if self.training and self.attention_dropout > 0:
             probs = ops.dropout(probs, p=self.attention_dropout)
-        out = ops.matmul(probs, v).transpose(0, 2, 1, 3)
+        out = self.context_matmul(probs, v).transpose(0, 2, 1, 3)
         return out.reshape(out.shape[0], out.shape[1], -1)
 
     def _fused_attention(self, q, k, v, bias):
@@ -166,9 +167,10 @@ class Embedding(nn.Cell):
         super().__init__()
         self.embedding_weight = Parameter(initializer(Normal(std), (vocab_size, hidden_size), ms.float32),
                                           name="embedding_weight")
+        self.gather = ops.Gather()
 
     def construct(self, input_ids):
-        return ops.gather(self.embedding_weight, input_ids, 0)
+        return self.gather(self.embedding_weight, input_ids, 0)
 
 
 class TelechatModel(nn.Cell):
@@ -192,6 +194,24 @@ class TelechatForCausalLM(nn.Cell):
         self.lm_head = None if config.tied else Linear(config.hidden_size, config.vocab_size, False,
                                                        config.initializer_range)
         self.matmul_head = ops.MatMul(transpose_b=True)
+
+    def shard(self, data_parallel: int, model_parallel: int) -> None:
+        """Tensor-parallel strategies for MindSpore (semi-)auto parallel, Megatron's layout: wq, wk_v, w1, w3 and the
+        head split their output rows (wk_v in whole KV heads, since its rows are grouped per head), wo and w2 their
+        input columns, attention runs head-parallel; every operator is also split over the batch (data_parallel).
+        The vocabulary of the embedding stays whole. Operators without a strategy get theirs by sharding propagation
+        (mindspore_impl/train.py). Without a parallel context strategies have no effect."""
+        dp, mp = data_parallel, model_parallel
+        self.model.tok_embeddings.gather.shard(((1, 1), (dp, 1)))
+        for layer in self.model.layers:
+            attention, mlp = layer.attention, layer.feed_forward
+            for column_parallel in (attention.wq, attention.wk_v, mlp.w1, mlp.w3):
+                column_parallel.matmul.shard(((dp, 1), (mp, 1)))
+            for row_parallel in (attention.wo, mlp.w2):
+                row_parallel.matmul.shard(((dp, mp), (1, mp)))
+            attention.scores_matmul.shard(((dp, mp, 1, 1), (dp, mp, 1, 1)))
+            attention.context_matmul.shard(((dp, mp, 1, 1), (dp, mp, 1, 1)))
+        self.matmul_head.shard(((dp, 1), (mp, 1)))
 
     def construct(self, input_ids, cos, sin, segment_ids, labels=None, loss_mask=None):
         x = self.model.tok_embeddings(input_ids).astype(self.compute_dtype)

@@ -1,11 +1,12 @@
-"""Supervised fine-tuning of TeleChat with MindSpore: one device, or data parallel under msrun.
+"""Supervised fine-tuning of TeleChat with MindSpore: one device, data parallel under msrun, or (on Ascend) tensor
+parallel and optimizer sharding through MindSpore semi-auto parallel.
 
     python -m mindspore_impl.train --config configs/finetune_tiny.yaml [--resume] [--output-dir DIR] [--max-steps N]
     msrun --worker_num=2 --local_worker_num=2 --master_port=8118 --log_dir=output/msrun_log --join=True \\
         mindspore_impl/train.py --config configs/finetune_tiny.yaml
 
 msrun runs a script path and starts each worker with the first `python` on PATH, so activate the environment
-(or put .venv/bin first on PATH). parallel.data_parallel must equal --worker_num.
+(or put .venv/bin first on PATH). parallel.data_parallel x parallel.model_parallel must equal --worker_num.
 
 The config, schedule, data order, weight-decay rule and loss log are shared with the PyTorch trainer
 (telechat_ascend/training.py); this file holds the MindSpore side. One optimizer step:
@@ -21,6 +22,13 @@ Output (runner.output_dir): loss_log.jsonl; checkpoints/step-NNNNNN/ with model/
 names), optimizer.ckpt (adam_m.* / adam_v.*) and trainer_state.json (step, data position, update count, loss
 scale, seeds), plus checkpoints/latest; final/mindspore and final/hf (the shared converter's HF copy). Only rank 0
 writes; the ranks hold identical weights.
+
+Semi-auto parallel (parallel.model_parallel > 1 or optimizer_shard; Ascend, GRAPH mode): the model's matmuls carry
+Megatron-style strategies (TelechatForCausalLM.shard) and the compiler shards the rest by propagation. The step is
+one graph (ShardedStep) taking the whole global batch, with the same loss weighting, clipping, overflow skip and
+AdamW; checkpoints hold each rank's slices plus the strategy file (save_shards), and final/ is merged from them with
+ms.transform_checkpoints. MindSpore cannot run semi-auto parallel on CPU, so only ShardedStep's math (unsharded) and
+the strategies are tested here; the sharded run itself has not been run.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -42,7 +51,7 @@ from mindspore import ParameterTuple, Tensor, nn, ops
 
 from mindspore_impl.model import TelechatForCausalLM
 from mindspore_impl.pretrained import COMPUTE_DTYPES, from_pretrained, save_pretrained
-from telechat_ascend.checkpoint import atomic_output_dir
+from telechat_ascend.checkpoint import MS_CKPT, atomic_output_dir
 from telechat_ascend.config import TeleChatConfig
 from telechat_ascend.convert import convert_checkpoint
 from telechat_ascend.data import ARRAYS, PackedDataset
@@ -60,18 +69,43 @@ def setup(config: TrainConfig) -> tuple[int, int]:
     if config.model.dtype == "bf16" and ms.get_context("device_target") == "CPU":
         raise TeleChatError("model.dtype bf16: MindSpore has no bf16 CPU kernels (MatMul, Softmax ...); use fp16 or "
                             "fp32 on CPU")
+    parallel = config.parallel
+    if parallel.semi_auto and ms.get_context("device_target") != "Ascend":
+        raise TeleChatError("parallel.model_parallel > 1 / optimizer_shard use MindSpore semi-auto parallel, which "
+                            "runs on Ascend only (on CPU MindSpore refuses it: 'Invalid backend: CPU'); on CPU use "
+                            "data_parallel alone")
+    if parallel.semi_auto and "MS_ROLE" not in os.environ:
+        raise TeleChatError("parallel.model_parallel > 1 / optimizer_shard: launch with msrun (--worker_num="
+                            f"{parallel.devices}); semi-auto parallel needs the cluster")
     rank, world = 0, 1
     if "MS_ROLE" in os.environ:  # msrun also runs this script as its scheduler, whose init() never returns
         from mindspore.communication import get_group_size, get_rank, init
         init()
         rank, world = get_rank(), get_group_size()
-        # The gradient mean is ours (token-weighted), so the reducer sums.
-        ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=False,
-                                     device_num=world)
-    if world != config.parallel.data_parallel:
-        raise TeleChatError(f"parallel.data_parallel is {config.parallel.data_parallel} but {world} worker(s) are "
-                            f"running; launch msrun with --worker_num={config.parallel.data_parallel}")
+        if parallel.semi_auto:
+            setup_semi_auto(config, rank, world)
+        else:  # the gradient mean is ours (token-weighted), so the reducer sums
+            ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=False,
+                                         device_num=world)
+    if world != parallel.devices:
+        raise TeleChatError(f"parallel.data_parallel x model_parallel is {parallel.devices} but {world} worker(s) "
+                            f"are running; launch msrun with --worker_num={parallel.devices}")
     return rank, world
+
+
+def setup_semi_auto(config: TrainConfig, rank: int, world: int) -> None:
+    """Auto parallel with sharding propagation: the model's key operators carry strategies (model.shard) and the
+    compiler derives the rest; every rank feeds the whole global batch (full_batch) and the compiler takes each
+    rank's part. optimizer_shard splits the AdamW moments and update over the data-parallel ranks. The strategy
+    file (needed to merge the sharded checkpoints) goes to output_dir/strategy/; merging reads every rank's slices,
+    so on several nodes output_dir must be shared storage."""
+    ms.set_context(mode=ms.GRAPH_MODE)
+    strategy = Path(config.runner.output_dir) / "strategy" / f"rank_{rank}.ckpt"
+    strategy.parent.mkdir(parents=True, exist_ok=True)
+    ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.AUTO_PARALLEL, search_mode="sharding_propagation",
+                                 device_num=world, full_batch=True, gradients_mean=False,
+                                 enable_parallel_optimizer=config.parallel.optimizer_shard,
+                                 strategy_ckpt_config={"save_file": str(strategy), "only_trainable_params": False})
 
 
 # ---- data ---------------------------------------------------------------------------------------------------------
@@ -115,17 +149,23 @@ def stack_rows(dataset, rows) -> dict[str, np.ndarray]:
 
 # ---- model --------------------------------------------------------------------------------------------------------
 
-def build_model(config: TrainConfig, checkpoint: Path | None) -> TelechatForCausalLM:
+def build_model(config: TrainConfig, checkpoint: Path | None, sharded_checkpoint: bool) -> TelechatForCausalLM:
     """The model to train: the checkpoint's when resuming, else the config's folder or a new preset model (seeded,
     so every rank draws the same initial weights)."""
     dtype = config.model.dtype
-    if checkpoint is not None:
+    if sharded_checkpoint:
+        # The weights are the checkpoint's per-rank slices, loaded once the sharded step is compiled (load_shards).
+        model = TelechatForCausalLM(TeleChatConfig.load(checkpoint / "model"), COMPUTE_DTYPES[dtype])
+    elif checkpoint is not None:
         model = from_pretrained(checkpoint / "model", dtype)
     elif config.model.path is not None:
         model = from_pretrained(config.model.path, dtype)
     else:
         ms.set_seed(config.runner.seed)
         model = TelechatForCausalLM(TeleChatConfig.preset(config.model.preset), COMPUTE_DTYPES[dtype])
+    config.parallel.check_model(model.config)
+    if config.parallel.semi_auto:
+        model.shard(config.parallel.data_parallel, config.parallel.model_parallel)
     if config.recompute:
         for layer in model.model.layers:
             layer.recompute()
@@ -139,7 +179,8 @@ class AdamW(nn.Cell):
     """torch.optim.AdamW's update: bias-corrected moments, decoupled weight decay. (nn.AdamWeightDecay has no bias
     correction, so its first steps are ~0.45x as large with beta2 0.95, and the PyTorch trainer would differ.)
     Moments are named as MindFormers names them: adam_m.<param>, adam_v.<param>. The scalars that depend on the
-    step come from the host, computed as torch computes them (adamw_scalars)."""
+    step come from the host, computed as torch computes them (adamw_scalars). `apply` (a bool tensor) makes the
+    update conditional inside a graph: where it is false, parameters and moments keep their values."""
 
     def __init__(self, params, betas: list[float], eps: float):
         super().__init__()
@@ -149,12 +190,15 @@ class AdamW(nn.Cell):
         self.decay = tuple(decays(p.shape) for p in params)
         self.beta1, self.beta2, self.eps = betas[0], betas[1], eps
 
-    def construct(self, grads, decay_factor, step_size, bias_correction2_sqrt):
+    def construct(self, grads, decay_factor, step_size, bias_correction2_sqrt, apply=None):
         for param, m, v, grad, decay in zip(self.params, self.moments1, self.moments2, grads, self.decay):
             m_new = m + (grad - m) * (1.0 - self.beta1)
             v_new = v * self.beta2 + grad * grad * (1.0 - self.beta2)
             p_new = param * decay_factor if decay else param
             p_new = p_new - step_size * m_new / (ops.sqrt(v_new) / bias_correction2_sqrt + self.eps)
+            if apply is not None:
+                m_new, v_new, p_new = ops.select(apply, m_new, m), ops.select(apply, v_new, v), \
+                    ops.select(apply, p_new, param)
             ops.assign(m, m_new)
             ops.assign(v, v_new)
             ops.assign(param, p_new)
@@ -168,6 +212,18 @@ def adamw_scalars(lr: float, weight_decay: float, betas: list[float], t: int) ->
 
 # ---- the step -----------------------------------------------------------------------------------------------------
 
+class WeightedLoss(nn.Cell):
+    """The model's mean loss times `weight` (a micro-batch's share of the global batch's target tokens, times the
+    loss scale). A Cell rather than a closure over the model, which is what MindSpore's graph compiler parses best."""
+
+    def __init__(self, model: TelechatForCausalLM):
+        super().__init__(auto_prefix=False)
+        self.model = model
+
+    def construct(self, input_ids, cos, sin, segment_ids, labels, weight):
+        return self.model(input_ids, cos, sin, segment_ids, labels) * weight
+
+
 class StepFunctions:
     """The device side of an optimizer step, compiled with ms.jit unless context.mode is PYNATIVE:
     grad(inputs..., weight) -> (weighted loss, grads); accumulate; finish (sum over ranks, unscale, norm, clip);
@@ -176,10 +232,7 @@ class StepFunctions:
     def __init__(self, model: TelechatForCausalLM, optimizer: AdamW, world: int, clip: float | None, graph: bool):
         hyper_map = ops.HyperMap()
 
-        def loss_fn(input_ids, cos, sin, segment_ids, labels, weight):
-            return model(input_ids, cos, sin, segment_ids, labels) * weight
-
-        grad_fn = ms.value_and_grad(loss_fn, None, optimizer.params)
+        grad_fn = ms.value_and_grad(WeightedLoss(model), None, optimizer.params)
         if world > 1:
             from mindspore.communication import GlobalComm
             reducer = nn.DistributedGradReducer(optimizer.params, mean=False, group=GlobalComm.WORLD_COMM_GROUP)
@@ -198,18 +251,43 @@ class StepFunctions:
             return loss + more_loss, hyper_map(ops.add, grads, more_grads)
 
         def finish(loss, grads, inv_scale):
-            loss, grads = sum_over_ranks(loss, grads)
-            grads = hyper_map(ops.partial(ops.mul, inv_scale), grads)
-            norm = ops.sqrt(ops.addn([ops.square(g).sum() for g in grads]))
-            if clip is not None:
-                grads = hyper_map(ops.partial(ops.mul, ops.minimum(clip / (norm + 1e-6), 1.0)), grads)
-            return loss * inv_scale, grads, norm
+            return unscale_and_clip(*sum_over_ranks(loss, grads), inv_scale, clip, hyper_map)
 
         def update(grads, decay_factor, step_size, bias_correction2_sqrt):
             optimizer(grads, decay_factor, step_size, bias_correction2_sqrt)
 
         compile_ = _compiled if graph else (lambda f: f)
         self.grad, self.accumulate, self.finish, self.update = map(compile_, (grad, accumulate, finish, update))
+
+
+def unscale_and_clip(loss, grads, inv_scale, clip: float | None, hyper_map):
+    """(loss, grads, global norm before clipping), unscaled by inv_scale, grads clipped to norm `clip`."""
+    grads = hyper_map(ops.partial(ops.mul, inv_scale), grads)
+    norm = ops.sqrt(ops.addn([ops.square(g).sum() for g in grads]))
+    if clip is not None:
+        grads = hyper_map(ops.partial(ops.mul, ops.minimum(clip / (norm + 1e-6), 1.0)), grads)
+    return loss * inv_scale, grads, norm
+
+
+class ShardedStep(nn.Cell):
+    """The whole optimizer step as one graph, for semi-auto parallel: loss, gradients, norm, clipping and the AdamW
+    update (applied only when the norm is finite). Gradients never leave the graph, since outside it a sharded
+    gradient is only this rank's slice; inside it the compiler adds the collectives (gradient sums over data-parallel
+    ranks, norm sums over shards). Takes the whole global batch (full_batch) with weight = loss scale; returns the
+    unscaled loss and the norm. The same math as StepFunctions; on CPU it runs unsharded (tested there)."""
+
+    def __init__(self, model: TelechatForCausalLM, optimizer: AdamW, clip: float | None):
+        super().__init__(auto_prefix=False)
+        self.loss, self.optimizer, self.clip = WeightedLoss(model), optimizer, clip
+        self.grad_fn = ms.value_and_grad(self.loss, None, optimizer.params)
+        self.hyper_map = ops.HyperMap()
+
+    def construct(self, input_ids, cos, sin, segment_ids, labels, weight, inv_scale, decay_factor, step_size,
+                  bias_correction2_sqrt):
+        loss, grads = self.grad_fn(input_ids, cos, sin, segment_ids, labels, weight)
+        loss, grads, norm = unscale_and_clip(loss, grads, inv_scale, self.clip, self.hyper_map)
+        self.optimizer(grads, decay_factor, step_size, bias_correction2_sqrt, ops.isfinite(norm))
+        return loss, norm
 
 
 def _compiled(fn):
@@ -231,12 +309,67 @@ def save_checkpoint(checkpoints: Path, step: int, keep_last: int, model, optimiz
     write_latest(checkpoints, name, keep_last)
 
 
-def trainer_state(step: int, plan: Plan, updates: int, scaler: LossScaler, world: int) -> dict:
+def save_shards(checkpoints: Path, step: int, keep_last: int, model, optimizer: AdamW, state: dict, rank: int,
+                strategy: Path) -> None:
+    """Semi-auto parallel checkpoint, MindFormers' layout: every rank saves the slices it holds
+    (model_shards/rank_{r}/model.ckpt, optimizer_shards/rank_{r}/optimizer.ckpt); rank 0 adds model/config.json,
+    the strategy file that maps slices to full tensors, and trainer_state.json. All write into a hidden folder that
+    rank 0 renames, and `latest` moves, only once every rank has finished."""
+    from mindspore.communication.comm_func import barrier
+    name = checkpoint_name(step)
+    partial = checkpoints / f".{name}.partial"
+    for kind, parameters in (("model", model.get_parameters()),
+                             ("optimizer", (*optimizer.moments1, *optimizer.moments2))):
+        folder = partial / f"{kind}_shards" / f"rank_{rank}"
+        folder.mkdir(parents=True, exist_ok=True)
+        ms.save_checkpoint([{"name": p.name, "data": p} for p in parameters], str(folder / f"{kind}.ckpt"),
+                           integrated_save=False)
+    barrier()
+    if rank == 0:
+        (partial / "model").mkdir()
+        model.config.save(partial / "model")
+        shutil.copy(strategy, partial / "strategy.ckpt")
+        (partial / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+        if (checkpoints / name).exists():
+            shutil.rmtree(checkpoints / name)
+        os.replace(partial, checkpoints / name)
+        write_latest(checkpoints, name, keep_last)
+    barrier()
+
+
+def load_shards(folder: Path, model, optimizer: AdamW, rank: int) -> None:
+    """This rank's slices from a semi-auto checkpoint, into parameters already sliced by compiling the step."""
+    for kind, cell in (("model", model), ("optimizer", optimizer)):
+        path = folder / f"{kind}_shards" / f"rank_{rank}" / f"{kind}.ckpt"
+        if not path.is_file():
+            raise TeleChatError(f"{path} not found: resume with the parallel settings the checkpoint was written with")
+        not_loaded, _ = ms.load_param_into_net(cell, ms.load_checkpoint(str(path)), strict_load=True)
+        if not_loaded:
+            raise TeleChatError(f"{path}: no {not_loaded[0]} (and {len(not_loaded) - 1} more)")
+
+
+def export_shards(folder: Path, out: Path) -> None:
+    """out/final from a semi-auto checkpoint: its slices merged into one MindSpore checkpoint by
+    ms.transform_checkpoints (through the strategy file), then the HF copy."""
+    with atomic_output_dir(out, force=True) as tmp:
+        merged = tmp / "merged"
+        ms.transform_checkpoints(str(folder / "model_shards"), str(merged), "telechat",
+                                 str(folder / "strategy.ckpt"), None)
+        (tmp / "mindspore").mkdir()
+        os.replace(merged / "rank_0" / "telechat0.ckpt", tmp / "mindspore" / MS_CKPT)
+        shutil.rmtree(merged)
+        shutil.copy(folder / "model" / "config.json", tmp / "mindspore" / "config.json")
+        convert_checkpoint(tmp / "mindspore", tmp / "hf", to="hf")
+
+
+def trainer_state(step: int, plan: Plan, updates: int, scaler: LossScaler, world: int,
+                  config: TrainConfig) -> dict:
     """What resuming needs besides weights and moments. The data position follows from the step (DataOrder is a
     pure function of it); epoch and batch_in_epoch are recorded for people."""
     epoch, index = plan.order.position(step)
     return {"step": step, "epoch": epoch, "batch_in_epoch": index, "total_steps": plan.total_steps,
             "optimizer_updates": updates, "loss_scale": dataclasses.asdict(scaler), "world_size": world,
+            "parallel": dataclasses.asdict(config.parallel),
             "data": {"rows": plan.order.num_rows, "global_batch": plan.order.global_batch, "seed": plan.order.seed}}
 
 
@@ -290,19 +423,29 @@ def train(config: TrainConfig, resume: bool = False) -> None:
         print(f"note: the checkpoint's run was {state['total_steps']} steps, this one is {plan.total_steps}: the "
               f"learning-rate schedule changes from here")
 
-    model = build_model(config, resume_from)
+    parallel = config.parallel
+    sharded_checkpoint = resume_from is not None and (resume_from / "model_shards").is_dir()
+    if sharded_checkpoint and state["parallel"] != dataclasses.asdict(parallel):
+        raise TeleChatError(f"{resume_from} holds per-rank slices written with parallel settings {state['parallel']}; "
+                            f"resume with those (or merge the slices with ms.transform_checkpoints)")
+    model = build_model(config, resume_from, sharded_checkpoint)
     optimizer = AdamW(model.trainable_params(), config.optimizer.betas, config.optimizer.eps)
     scaler = LossScaler.from_config(config.loss_scale)
     start, updates = 0, 0
     if state:
-        load_moments(resume_from, optimizer)
+        if not sharded_checkpoint:
+            load_moments(resume_from, optimizer)
         start, updates = state["step"], state["optimizer_updates"]
         scaler = LossScaler(**state["loss_scale"])
     # Dropout masks: a fresh stream per rank and (re)start, seeded from (seed, rank, start step). MindSpore's compiled
     # random kernels keep their own state, which no API saves or restores, so with dropout a resumed run differs from
     # an uninterrupted one (without dropout it is identical).
     ms.set_seed(int(np.random.SeedSequence([config.runner.seed, rank, start]).generate_state(1)[0]) % 2 ** 31)
-    steps = StepFunctions(model, optimizer, world, config.clip_grad, config.context.mode == "GRAPH")
+    if parallel.semi_auto:
+        sharded = ShardedStep(model, optimizer, config.clip_grad)
+        strategy = out / "strategy" / f"rank_{rank}.ckpt"  # written by the compiler (setup_semi_auto)
+    else:
+        steps = StepFunctions(model, optimizer, world, config.clip_grad, config.context.mode == "GRAPH")
 
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -317,22 +460,34 @@ def train(config: TrainConfig, resume: bool = False) -> None:
         global_rows = stack_rows(dataset, plan.order.global_rows(step))
         total_targets = max(target_count(global_rows["labels"]), 1)
         tokens = int((global_rows["segment_ids"] > 0).sum())
-        loss = grads = None
-        for rows in plan.order.micro_batches(step, rank):
-            batch = stack_rows(dataset, rows)
-            cos, sin = model.rope(batch["position_ids"], seq_len)
-            weight = Tensor(target_count(batch["labels"]) / total_targets * scaler.scale, ms.float32)
-            micro = steps.grad(Tensor(batch["input_ids"]), cos, sin, Tensor(batch["segment_ids"]),
-                               Tensor(batch["labels"]), weight)
-            loss, grads = micro if grads is None else steps.accumulate(loss, grads, *micro)
-        loss, grads, norm = steps.finish(loss, grads, Tensor(1.0 / scaler.scale, ms.float32))
+        lr = plan.lr(step)
+        inv_scale = Tensor(1.0 / scaler.scale, ms.float32)
+        # The scalars of the update this step makes if its gradients are finite.
+        scalars = adamw_scalars(lr, config.optimizer.weight_decay, config.optimizer.betas, updates + 1)
+        if parallel.semi_auto:  # every rank feeds the whole global batch; its weight is the loss scale alone
+            cos, sin = model.rope(global_rows["position_ids"], seq_len)
+            inputs = (Tensor(global_rows["input_ids"]), cos, sin, Tensor(global_rows["segment_ids"]),
+                      Tensor(global_rows["labels"]), Tensor(scaler.scale, ms.float32), inv_scale, *scalars)
+            if sharded_checkpoint and step == start:  # parameters take their sliced shapes when the step compiles
+                sharded.compile(*inputs)
+                load_shards(resume_from, model, optimizer, rank)
+            loss, norm = sharded(*inputs)  # updates the weights itself when the norm is finite
+        else:
+            loss = grads = None
+            for rows in plan.order.micro_batches(step, rank):
+                batch = stack_rows(dataset, rows)
+                cos, sin = model.rope(batch["position_ids"], seq_len)
+                weight = Tensor(target_count(batch["labels"]) / total_targets * scaler.scale, ms.float32)
+                micro = steps.grad(Tensor(batch["input_ids"]), cos, sin, Tensor(batch["segment_ids"]),
+                                   Tensor(batch["labels"]), weight)
+                loss, grads = micro if grads is None else steps.accumulate(loss, grads, *micro)
+            loss, grads, norm = steps.finish(loss, grads, inv_scale)
         loss, norm = float(loss), float(norm)
         finite = math.isfinite(norm)  # the sum over ranks carries any worker's inf/nan into every rank's norm
-        lr = plan.lr(step)
         if finite:
             updates += 1
-            scalars = adamw_scalars(lr, config.optimizer.weight_decay, config.optimizer.betas, updates)
-            steps.update(grads, *scalars)
+            if not parallel.semi_auto:
+                steps.update(grads, *scalars)
         scaler.update(finite)
         if ms.get_context("device_target") != "CPU":  # CPU kernels run synchronously; elsewhere time the whole step
             ms.runtime.synchronize()
@@ -346,16 +501,22 @@ def train(config: TrainConfig, resume: bool = False) -> None:
                 print(f"step {done}/{plan.total_steps} loss {loss:.4f} lr {lr:.3e} grad_norm {norm:.3f} "
                       f"{tokens / elapsed:.0f} tokens/s {elapsed:.3f} s/step"
                       + (f" skipped (overflow; loss scale now {scaler.scale:g})" if not finite else ""), flush=True)
-            if done % config.runner.save_steps == 0 or done == plan.total_steps:
-                save_checkpoint(checkpoints, done, config.runner.keep_last, model, optimizer,
-                                trainer_state(done, plan, updates, scaler, world))
+        if done % config.runner.save_steps == 0 or done == plan.total_steps:
+            saved = trainer_state(done, plan, updates, scaler, world, config)
+            if parallel.semi_auto:  # every rank saves its slices
+                save_shards(checkpoints, done, config.runner.keep_last, model, optimizer, saved, rank, strategy)
+            elif rank == 0:
+                save_checkpoint(checkpoints, done, config.runner.keep_last, model, optimizer, saved)
 
     print(f"rank {rank}: final weights sha256 {weights_digest(model)}", flush=True)
     if rank == 0:
         log.close()
-        with atomic_output_dir(out / "final", force=True) as tmp:
-            save_pretrained(model, tmp / "mindspore")
-            convert_checkpoint(tmp / "mindspore", tmp / "hf", to="hf")
+        if parallel.semi_auto:
+            export_shards(read_latest(checkpoints), out / "final")
+        else:
+            with atomic_output_dir(out / "final", force=True) as tmp:
+                save_pretrained(model, tmp / "mindspore")
+                convert_checkpoint(tmp / "mindspore", tmp / "hf", to="hf")
         print(f"saved {out / 'final'} (mindspore/ and hf/)", flush=True)
 
 

@@ -53,6 +53,9 @@ def setup(device_spec: str, config: TrainConfig) -> tuple[torch.device, int, int
     """(device, rank, world). Under torchrun (WORLD_SIZE set) joins the process group: hccl, nccl or gloo."""
     device = resolve_device(device_spec)
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if config.parallel.semi_auto:
+        raise TeleChatError("parallel.model_parallel and optimizer_shard are MindSpore semi-auto parallel settings; "
+                            "the PyTorch trainer shards with DeepSpeed ZeRO (--deepspeed configs/deepspeed_zero3.json)")
     if world != config.parallel.data_parallel:
         raise TeleChatError(f"parallel.data_parallel is {config.parallel.data_parallel} but {world} process(es) run "
                             f"(torchrun --nproc_per_node and parallel.data_parallel must agree)")

@@ -7,8 +7,10 @@ Config (YAML, MindFormers-like sections; every key optional, an unknown key is a
                    dtype: fp32 | fp16 | bf16   compute dtype; parameters stay fp32 (master weights)
     train_dataset: data_dir: a prepare-data shard folder  or  mindrecord: a MindFormers .mindrecord file
     context:       mode: GRAPH | PYNATIVE;  device_target: CPU | Ascend (default: the framework's)   [MindSpore]
-    parallel:      data_parallel: the number of workers; model_parallel, pipeline_stage: 1 (nothing else is
-                   implemented)
+    parallel:      data_parallel;  model_parallel (tensor parallel);  optimizer_shard: false | true;
+                   pipeline_stage: 1 (pipeline parallelism is not implemented). Workers = data_parallel x
+                   model_parallel. model_parallel > 1 or optimizer_shard is MindSpore semi-auto parallel: Ascend
+                   only, GRAPH mode, gradient_accumulation_steps 1 (the PyTorch trainer shards with DeepSpeed ZeRO)
     optimizer:     type: AdamW;  lr;  betas: [0.9, 0.95];  eps: 1.0e-5;  weight_decay: 1.0e-4
     lr_schedule:   type: cosine;  warmup_ratio: 0.1  or  warmup_steps;  min_lr: 0.0
     runner:        epochs;  max_steps (overrides epochs);  batch_size (per device);  gradient_accumulation_steps;
@@ -107,16 +109,31 @@ class ParallelConfig:
     data_parallel: int = 1
     model_parallel: int = 1
     pipeline_stage: int = 1
+    optimizer_shard: bool = False
+
+    @property
+    def semi_auto(self) -> bool:
+        """Tensor parallelism or optimizer sharding: MindSpore (semi-)auto parallel, Ascend only."""
+        return self.model_parallel > 1 or self.optimizer_shard
+
+    @property
+    def devices(self) -> int:
+        return self.data_parallel * self.model_parallel
 
     def validate(self) -> None:
         for name in ("data_parallel", "model_parallel", "pipeline_stage"):
             _check_positive(f"parallel.{name}", getattr(self, name))
-        for name in ("model_parallel", "pipeline_stage"):
-            if getattr(self, name) > 1:
-                raise TeleChatError(
-                    f"parallel.{name} = {getattr(self, name)}: only data parallelism is implemented. Tensor and "
-                    f"pipeline parallelism need MindSpore semi-auto parallel, which this trainer does not implement "
-                    f"(and which cannot run on CPU); set {name}: 1")
+        if self.pipeline_stage > 1:
+            raise TeleChatError(f"parallel.pipeline_stage = {self.pipeline_stage}: pipeline parallelism is not "
+                                f"implemented; shard the model with model_parallel and optimizer_shard instead")
+
+    def check_model(self, config) -> None:
+        """Tensor parallelism splits heads, KV heads, the MLP and the vocabulary (lm_head) into model_parallel parts."""
+        mp = self.model_parallel
+        for name in ("n_head", "kv_heads", "ffn_hidden_size", "vocab_size"):
+            if getattr(config, name) % mp:
+                raise TeleChatError(f"parallel.model_parallel = {mp} does not divide the model's {name} "
+                                    f"({getattr(config, name)})")
 
 
 @dataclass
@@ -217,6 +234,14 @@ class TrainConfig:
                                 f"in fp32, O2 in fp16 or bf16 (with fp32 master weights)")
         if self.clip_grad is not None:
             _check_positive("clip_grad", self.clip_grad)
+        if self.parallel.semi_auto:
+            if self.context.mode != "GRAPH":
+                raise TeleChatError("parallel.model_parallel > 1 / optimizer_shard (semi-auto parallel) needs "
+                                    "context.mode GRAPH")
+            if self.runner.gradient_accumulation_steps != 1:
+                raise TeleChatError("parallel.model_parallel > 1 / optimizer_shard: the sharded step takes the whole "
+                                    "global batch at once; set runner.gradient_accumulation_steps to 1 and raise "
+                                    "runner.batch_size instead")
         scale = self.loss_scale
         scale.type = scale.type or ("dynamic" if self.model.dtype == "fp16" else "static")
         scale.value = scale.value or (65536.0 if scale.type == "dynamic" else 1.0)

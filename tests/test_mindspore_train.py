@@ -209,7 +209,8 @@ def test_fp16_overflow_steps_are_skipped_and_the_scale_drops(work):
 # ---- errors -------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("sections, extra, message", [
-    ({"parallel": {"data_parallel": 2}}, [], "parallel.data_parallel is 2 but 1 worker(s) are running"),
+    ({"parallel": {"data_parallel": 2}}, [],
+     "parallel.data_parallel x model_parallel is 2 but 1 worker(s) are running"),
     ({"model": {"dtype": "bf16"}, "amp_level": "O2"}, [], "model.dtype bf16: MindSpore has no bf16 CPU kernels"),
     ({"runner": {"batch_size": 200}}, [], "the dataset has 145 rows, fewer than one global batch of 200"),
     ({}, ["--resume"], "--resume: no checkpoint in"),
@@ -244,3 +245,82 @@ def test_mindrecord_rows_are_the_packed_rows_plus_the_trailing_pair(work, tmp_pa
         np.testing.assert_array_equal(row["labels"], np.append(expected["labels"], -100))
         np.testing.assert_array_equal(row["position_ids"], np.arange(65))
         assert (row["segment_ids"] == 1).all()
+
+
+# ---- semi-auto parallel: what can be checked without Ascend ---------------------------------------------------------
+
+def test_sharded_step_equals_the_data_parallel_step_functions(work, tmp_path):
+    """ShardedStep (the semi-auto step: one graph from loss to update) runs unsharded on CPU: two steps give the
+    weights of grad -> finish -> update, and a step with non-finite gradients leaves weights and moments alone."""
+    script = f"""
+import numpy as np, mindspore as ms
+from mindspore import Tensor
+ms.set_context(mode=ms.GRAPH_MODE)
+from mindspore_impl import from_pretrained
+from mindspore_impl.train import AdamW, ShardedStep, StepFunctions, adamw_scalars, stack_rows
+from telechat_ascend.data import PackedDataset
+dataset = PackedDataset(r"{work / 'data'}")
+batch = stack_rows(dataset, [0, 1, 2, 3])
+results = {{}}
+for kind in ("sharded", "functions"):
+    model = from_pretrained(r"{work / 'init'}")
+    model.set_train(True)
+    optimizer = AdamW(model.trainable_params(), [0.9, 0.95], 1e-5)
+    cos, sin = model.rope(batch["position_ids"], 64)
+    inputs = (Tensor(batch["input_ids"]), cos, sin, Tensor(batch["segment_ids"]), Tensor(batch["labels"]))
+    step = ShardedStep(model, optimizer, 1.0) if kind == "sharded" else StepFunctions(model, optimizer, 1, 1.0, True)
+    for t in (1, 2):
+        scalars = adamw_scalars(1e-3, 1e-4, [0.9, 0.95], t)
+        if kind == "sharded":
+            loss, norm = step(*inputs, Tensor(1.0, ms.float32), Tensor(1.0, ms.float32), *scalars)
+        else:
+            loss, grads = step.grad(*inputs, Tensor(1.0, ms.float32))
+            loss, grads, norm = step.finish(loss, grads, Tensor(1.0, ms.float32))
+            step.update(grads, *scalars)
+        results[f"{{kind}}_loss_{{t}}"], results[f"{{kind}}_norm_{{t}}"] = float(loss), float(norm)
+    for p in (*model.get_parameters(), *optimizer.moments1):
+        results[f"{{kind}}:{{p.name}}"] = p.asnumpy()
+    if kind == "sharded":
+        loss, norm = step(*inputs, Tensor(float("inf"), ms.float32), Tensor(1.0, ms.float32),
+                          *adamw_scalars(1e-3, 1e-4, [0.9, 0.95], 3))
+        results["overflow_norm"] = float(norm)
+        results["unchanged"] = all(np.array_equal(p.asnumpy(), results[f"sharded:{{p.name}}"])
+                                   for p in (*model.get_parameters(), *optimizer.moments1))
+np.savez(r"{tmp_path / 'steps.npz'}", **results)
+"""
+    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, cwd=REPO)
+    results = np.load(tmp_path / "steps.npz")
+    for t in (1, 2):
+        assert abs(results[f"sharded_loss_{t}"] - results[f"functions_loss_{t}"]) < 1e-6
+        assert abs(results[f"sharded_norm_{t}"] - results[f"functions_norm_{t}"]) < 1e-5
+    names = [key.split(":", 1)[1] for key in results.files if key.startswith("functions:")]
+    assert len(names) > 20
+    for name in names:
+        np.testing.assert_allclose(results[f"sharded:{name}"], results[f"functions:{name}"], rtol=0, atol=1e-6,
+                                   err_msg=name)
+    assert not np.isfinite(results["overflow_norm"]) and bool(results["unchanged"])
+
+
+def test_shard_sets_megatron_strategies_on_the_key_operators(work):
+    model = from_pretrained(work / "init")
+    model.shard(data_parallel=2, model_parallel=4)
+    column, row, heads = ((2, 1), (4, 1)), ((2, 4), (1, 4)), ((2, 4, 1, 1), (2, 4, 1, 1))
+    layer = model.model.layers[0]
+    assert layer.attention.wq.matmul.in_strategy == column
+    assert layer.attention.wk_v.matmul.in_strategy == column
+    assert layer.feed_forward.w1.matmul.in_strategy == column
+    assert layer.feed_forward.w3.matmul.in_strategy == column
+    assert layer.attention.wo.matmul.in_strategy == row
+    assert layer.feed_forward.w2.matmul.in_strategy == row
+    assert layer.attention.scores_matmul.in_strategy == heads
+    assert layer.attention.context_matmul.in_strategy == heads
+    assert model.matmul_head.in_strategy == column
+    assert model.model.tok_embeddings.gather.in_strategy == ((1, 1), (2, 1))
+    assert model.model.layers[-1].attention.wo.matmul.in_strategy == row
+
+
+def test_semi_auto_parallel_is_refused_on_cpu_with_the_reason(work, capsys):
+    config = write_config(work, "semi_auto", parallel={"data_parallel": 1, "model_parallel": 2})
+    assert main(["--config", str(config)]) == 1
+    assert "runs on Ascend only (on CPU MindSpore refuses it: 'Invalid backend: CPU')" in capsys.readouterr().err
+    assert not (work / "semi_auto").exists()

@@ -139,3 +139,13 @@ def test_parity_across_backends_from_the_cli(workspace, capsys):
                  str(workspace / "parity.json")]) == 0
     verdict = json.loads((workspace / "parity.json").read_text())
     assert verdict["passed"] and len(verdict["steps"]) == 3 and verdict["max_abs_difference"] < 1e-4
+
+
+def test_mindspore_sharding_settings_are_refused_with_the_deepspeed_alternative(workspace, capsys):
+    from pytorch_npu.train import main
+    config = yaml.safe_load(write_config(workspace, "sharded", 1, 2).read_text())
+    config["parallel"]["optimizer_shard"] = True
+    path = workspace / "sharded.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["--device", "cpu", "--config", str(path)]) == 1
+    assert "the PyTorch trainer shards with DeepSpeed ZeRO" in capsys.readouterr().out

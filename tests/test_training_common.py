@@ -1,6 +1,7 @@
 """The framework-neutral training pieces (telechat_ascend/training.py): the YAML config, the cosine schedule, the
 data order, the loss log, the loss scaler and the checkpoint pointer. No framework needed."""
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -10,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from telechat_ascend.config import TeleChatConfig
 from telechat_ascend.errors import TeleChatError
 from telechat_ascend.training import (DataOrder, LossLogWriter, LossScaler, Plan, TrainConfig, checkpoint_name,
                                       cosine_lr, decays, load_train_config, read_latest, read_loss_log, write_latest)
@@ -52,10 +54,12 @@ def test_yaml_exponent_without_a_dot_is_a_number(tmp_path):
 @pytest.mark.parametrize("name", ["finetune_tiny.yaml", "finetune_telechat_7b.yaml", "finetune_telechat_12b.yaml"])
 def test_shipped_configs_load(name):
     config = load_train_config(CONFIGS / name)
-    if name != "finetune_tiny.yaml":
-        assert config.parallel.data_parallel == 8 and config.context.device_target == "Ascend"
+    if name != "finetune_tiny.yaml":  # one Atlas 800T A2, global batch 32, sharded to fit 64 GB devices
+        parallel = config.parallel
+        assert parallel.devices == 8 and parallel.optimizer_shard and config.context.device_target == "Ascend"
         assert config.amp_level == "O2" and config.recompute
-        assert (config.runner.batch_size, config.runner.gradient_accumulation_steps) == (1, 4)
+        assert config.runner.batch_size * parallel.data_parallel * config.runner.gradient_accumulation_steps == 32
+        parallel.check_model(TeleChatConfig.preset("7B" if "7b" in name else "12B"))
 
 
 @pytest.mark.parametrize("text, message", [
@@ -68,8 +72,10 @@ def test_shipped_configs_load(name):
     (MINIMAL + "optimizer:\n  betas: [0.9]\n", "optimizer.betas must be two numbers in [0, 1)"),
     (MINIMAL + "optimizer: 3\n", "optimizer must be a mapping of keys to values, got 3"),
     (MINIMAL + "recompute: yes please\n", "recompute must be a bool"),
-    (MINIMAL + "parallel:\n  model_parallel: 2\n", "parallel.model_parallel = 2: only data parallelism is implemented"),
-    (MINIMAL + "parallel:\n  pipeline_stage: 4\n", "semi-auto parallel, which this trainer does not implement"),
+    (MINIMAL + "parallel:\n  pipeline_stage: 4\n", "parallel.pipeline_stage = 4: pipeline parallelism is not implemented"),
+    (MINIMAL + "parallel:\n  model_parallel: 2\ncontext:\n  mode: PYNATIVE\n", "needs context.mode GRAPH"),
+    (MINIMAL + "parallel:\n  optimizer_shard: true\nrunner:\n  gradient_accumulation_steps: 2\n",
+     "set runner.gradient_accumulation_steps to 1 and raise runner.batch_size"),
     (MINIMAL + "amp_level: O2\n", "amp_level O2 does not fit model.dtype fp32"),
     (MINIMAL + "amp_level: O1\n", "amp_level must be one of O0, O2, got 'O1'"),
     (MINIMAL.replace("tiny\n", "tiny\n  dtype: fp16\n"), "amp_level O0 does not fit model.dtype fp16"),
@@ -87,6 +93,18 @@ def test_config_errors_name_the_file_and_the_key(tmp_path, text, message):
         load_train_config(path)
     assert str(error.value).startswith(f"{path}: ")
     assert message in str(error.value)
+
+
+def test_model_parallel_must_divide_heads_mlp_and_vocabulary():
+    parallel = TrainConfig().parallel
+    parallel.model_parallel = 3
+    with pytest.raises(TeleChatError, match=r"model_parallel = 3 does not divide the model's n_head \(32\)"):
+        parallel.check_model(TeleChatConfig.preset("7B"))
+    parallel.model_parallel = 8
+    parallel.check_model(TeleChatConfig.preset("7B"))  # 32 heads, 32 KV heads, ffn 12288, vocab 160256
+    grouped = dataclasses.replace(TeleChatConfig.preset("7B"), num_key_value_heads=4)
+    with pytest.raises(TeleChatError, match=r"does not divide the model's kv_heads \(4\)"):
+        parallel.check_model(grouped)
 
 
 def test_missing_config_file(tmp_path):
