@@ -198,11 +198,12 @@ class TelechatForCausalLM(nn.Cell):
     def shard(self, data_parallel: int, model_parallel: int) -> None:
         """Tensor-parallel strategies for MindSpore (semi-)auto parallel, Megatron's layout: wq, wk_v, w1, w3 and the
         head split their output rows (wk_v in whole KV heads, since its rows are grouped per head), wo and w2 their
-        input columns, attention runs head-parallel; every operator is also split over the batch (data_parallel).
-        The vocabulary of the embedding stays whole. Operators without a strategy get theirs by sharding propagation
-        (mindspore_impl/train.py). Without a parallel context strategies have no effect."""
+        input columns, attention runs head-parallel; matmuls are also split over the batch (data_parallel). The
+        embedding splits its vocabulary rows like the head (MindFormers' vocab_emb_dp: false), so that a tied
+        embedding and head (7B), one parameter, has one layout. Operators without a strategy get theirs by sharding
+        propagation (mindspore_impl/train.py). Without a parallel context strategies have no effect."""
         dp, mp = data_parallel, model_parallel
-        self.model.tok_embeddings.gather.shard(((1, 1), (dp, 1)))
+        self.model.tok_embeddings.gather.shard(((mp, 1), (1, 1)))
         for layer in self.model.layers:
             attention, mlp = layer.attention, layer.feed_forward
             for column_parallel in (attention.wq, attention.wk_v, mlp.w1, mlp.w3):

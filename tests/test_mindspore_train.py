@@ -315,7 +315,7 @@ def test_shard_sets_megatron_strategies_on_the_key_operators(work):
     assert layer.attention.scores_matmul.in_strategy == heads
     assert layer.attention.context_matmul.in_strategy == heads
     assert model.matmul_head.in_strategy == column
-    assert model.model.tok_embeddings.gather.in_strategy == ((1, 1), (2, 1))
+    assert model.model.tok_embeddings.gather.in_strategy == ((4, 1), (1, 1))  # vocabulary split as in the head
     assert model.model.layers[-1].attention.wo.matmul.in_strategy == row
 
 
