@@ -10,6 +10,12 @@ chosen once, from the device target, when the Cell is built: a failed kernel sel
 never try/except them. RoPE tables are built on the host (telechat_ascend.rope) and passed in, which keeps the graph
 free of Python arithmetic on lengths.
 
+Dropout is keyed where the masks can be (CPU, GPU): each mask element is a hash of (the row's key, the dropout site,
+the element's index), and the trainer derives row keys from (seed, step, dataset row). MindSpore's random kernels
+keep a state no API saves, so keyed masks are what makes a resumed run equal an uninterrupted one, and what makes the
+masks independent of how a global batch is split over workers and accumulation steps. On Ascend the device's
+kernels draw them (flash attention draws its own), and without keys so does ops.dropout.
+
 Attention masks come from `segment_ids` [B, T] over all keys (cache included): 0 is padding, and a query sees an
 earlier key only within its own segment, so left-padded batches (segments 0/1) and packed training rows (1, 2, 3 ...)
 are one mechanism.
@@ -31,6 +37,40 @@ MASKED = -1e9  # added to masked scores; finite, so a row with no visible key (p
 
 def uses_fused_ops() -> bool:
     return ms.get_context("device_target") == "Ascend"
+
+
+UINT32 = 0xFFFFFFFF
+
+
+def lowbias32(x):
+    """Wellons' lowbias32 integer hash of uint32 values held in int64 (MindSpore has no uint32 arithmetic on CPU and
+    no right shift: floor division by 2^k shifts non-negative values)."""
+    x = x ^ (x // 2 ** 16)
+    x = (x * 0x7FEB352D) & UINT32
+    x = x ^ (x // 2 ** 15)
+    x = (x * 0x846CA68B) & UINT32
+    return x ^ (x // 2 ** 16)
+
+
+def keyed_dropout(x, p: float, row_keys, site: int):
+    """Dropout whose mask is a pure function of the inputs: element i of row b is kept when
+    lowbias32((lowbias32(key_b ^ salt) + i) mod 2^32) >= p·2^32, with i the element's flat index within its row and
+    salt = (site + 1)·0x9E3779B9 mod 2^32 setting apart the model's dropout sites. Kept values are scaled by 1/(1-p)."""
+    b = x.shape[0]
+    per_row = x.size // b
+    salt = (site + 1) * 0x9E3779B9 & UINT32
+    row_seeds = lowbias32(row_keys.astype(ms.int64) ^ salt).reshape(b, 1)
+    bits = lowbias32((ops.arange(0, per_row, dtype=ms.int64).reshape(1, per_row) + row_seeds) & UINT32)
+    keep = (bits >= int(p * 2 ** 32)).reshape(x.shape)
+    return ops.select(keep, x / (1.0 - p), ops.zeros_like(x))
+
+
+def dropout(x, p: float, training: bool, row_keys, site: int, device_kernels: bool):
+    if not training or p == 0:
+        return x
+    if device_kernels or row_keys is None:
+        return ops.dropout(x, p=p)
+    return keyed_dropout(x, p, row_keys, site)
 
 
 class Linear(nn.Cell):
@@ -69,7 +109,7 @@ def rotate_half(x):
 
 
 class Attention(nn.Cell):
-    def __init__(self, config: TeleChatConfig, fused: bool):
+    def __init__(self, config: TeleChatConfig, fused: bool, dropout_site: int):
         super().__init__()
         h, std = config.hidden_size, config.initializer_range
         self.n_head, self.n_kv, self.head_dim = config.n_head, config.kv_heads, config.head_dim
@@ -77,11 +117,11 @@ class Attention(nn.Cell):
         self.wq = Linear(h, h, False, std)
         self.wk_v = Linear(h, 2 * self.n_kv * self.head_dim, False, std)
         self.wo = Linear(h, h, True, std)
-        self.attention_dropout = config.attention_dropout
+        self.attention_dropout, self.dropout_site = config.attention_dropout, dropout_site
         self.fused = fused
         self.scores_matmul, self.context_matmul = ops.BatchMatMul(), ops.BatchMatMul()  # primitives: shardable
 
-    def construct(self, x, cos, sin, bias, past_k=None, past_v=None):
+    def construct(self, x, cos, sin, bias, past_k=None, past_v=None, dropout_keys=None):
         b, s, _ = x.shape
         q = self.wq(x).reshape(b, s, self.n_head, self.head_dim)
         kv = self.wk_v(x).reshape(b, s, self.n_kv, 2 * self.head_dim)  # per KV head: its K, then its V
@@ -92,7 +132,7 @@ class Attention(nn.Cell):
         if self.fused:
             context = self._fused_attention(q, k, v, bias)
         else:
-            context = self._attention(q, k, v, bias)
+            context = self._attention(q, k, v, bias, dropout_keys)
         return self.wo(context), k, v
 
     def _rotary(self, x, cos, sin):
@@ -100,15 +140,14 @@ class Attention(nn.Cell):
             return ops.rotary_position_embedding(x, cos, sin, 0)  # mode 0 = rotate_half, layout BSND with BS1D tables
         return x * cos + rotate_half(x) * sin
 
-    def _attention(self, q, k, v, bias):
+    def _attention(self, q, k, v, bias, dropout_keys):
         groups = self.n_head // self.n_kv
         q = q.transpose(0, 2, 1, 3)
         k = ops.repeat_interleave(k, groups, 2).transpose(0, 2, 3, 1) if groups > 1 else k.transpose(0, 2, 3, 1)
         v = ops.repeat_interleave(v, groups, 2).transpose(0, 2, 1, 3) if groups > 1 else v.transpose(0, 2, 1, 3)
         scores = self.scores_matmul(q, k).astype(ms.float32) * self.scale + bias
         probs = ops.softmax(scores, -1).astype(q.dtype)
-        if self.training and self.attention_dropout > 0:
-            probs = ops.dropout(probs, p=self.attention_dropout)
+        probs = dropout(probs, self.attention_dropout, self.training, dropout_keys, self.dropout_site, False)
         out = self.context_matmul(probs, v).transpose(0, 2, 1, 3)
         return out.reshape(out.shape[0], out.shape[1], -1)
 
@@ -143,23 +182,23 @@ class FeedForward(nn.Cell):
 
 
 class DecoderLayer(nn.Cell):
-    def __init__(self, config: TeleChatConfig, fused: bool):
+    """Dropout sites 3i (attention probabilities), 3i + 1 and 3i + 2 (the two residual branches) for layer i."""
+
+    def __init__(self, config: TeleChatConfig, fused: bool, index: int):
         super().__init__()
         self.attention_norm = RMSNorm(config.hidden_size, config.layer_norm_epsilon, fused)
-        self.attention = Attention(config, fused)
+        self.attention = Attention(config, fused, 3 * index)
         self.ffn_norm = RMSNorm(config.hidden_size, config.layer_norm_epsilon, fused)
         self.feed_forward = FeedForward(config, fused)
-        self.hidden_dropout = config.hidden_dropout
+        self.hidden_dropout, self.fused, self.dropout_site = config.hidden_dropout, fused, 3 * index
 
-    def construct(self, x, cos, sin, bias, past_k=None, past_v=None):
-        attention, k, v = self.attention(self.attention_norm(x), cos, sin, bias, past_k, past_v)
-        x = x + self._dropout(attention)
-        return x + self._dropout(self.feed_forward(self.ffn_norm(x))), k, v
-
-    def _dropout(self, x):
-        if self.training and self.hidden_dropout > 0:
-            return ops.dropout(x, p=self.hidden_dropout)
-        return x
+    def construct(self, x, cos, sin, bias, past_k=None, past_v=None, dropout_keys=None):
+        attention, k, v = self.attention(self.attention_norm(x), cos, sin, bias, past_k, past_v, dropout_keys)
+        x = x + dropout(attention, self.hidden_dropout, self.training, dropout_keys, self.dropout_site + 1,
+                        self.fused)
+        mlp = self.feed_forward(self.ffn_norm(x))
+        return x + dropout(mlp, self.hidden_dropout, self.training, dropout_keys, self.dropout_site + 2,
+                           self.fused), k, v
 
 
 class Embedding(nn.Cell):
@@ -177,13 +216,14 @@ class TelechatModel(nn.Cell):
     def __init__(self, config: TeleChatConfig, fused: bool):
         super().__init__()
         self.tok_embeddings = Embedding(config.vocab_size, config.hidden_size, config.initializer_range)
-        self.layers = nn.CellList([DecoderLayer(config, fused) for _ in range(config.n_layer)])
+        self.layers = nn.CellList([DecoderLayer(config, fused, i) for i in range(config.n_layer)])
         self.norm_out = RMSNorm(config.hidden_size, config.layer_norm_epsilon, fused)
 
 
 class TelechatForCausalLM(nn.Cell):
-    """`construct(input_ids, cos, sin, segment_ids, labels=None, loss_mask=None)`: logits [B, S, V], or the mean
-    loss over positions whose label is not -100 (labels aligned with input_ids, shifted inside, as in transformers).
+    """`construct(input_ids, cos, sin, segment_ids, labels=None, loss_mask=None, dropout_keys=None)`: logits
+    [B, S, V], or the mean loss over positions whose label is not -100 (labels aligned with input_ids, shifted inside,
+    as in transformers). dropout_keys ([B] int, one per row) key the dropout masks in training.
     `forward` and `decode_step` build cos/sin and segment ids from plain arrays; generation is in generate.py."""
 
     def __init__(self, config: TeleChatConfig, compute_dtype=ms.float32, rope_fp16_tables: bool = True):
@@ -214,12 +254,12 @@ class TelechatForCausalLM(nn.Cell):
             attention.context_matmul.shard(((dp, mp, 1, 1), (dp, mp, 1, 1)))
         self.matmul_head.shard(((dp, 1), (mp, 1)))
 
-    def construct(self, input_ids, cos, sin, segment_ids, labels=None, loss_mask=None):
+    def construct(self, input_ids, cos, sin, segment_ids, labels=None, loss_mask=None, dropout_keys=None):
         x = self.model.tok_embeddings(input_ids).astype(self.compute_dtype)
         bias = self._attention_bias(segment_ids, input_ids.shape[1])
         cos, sin = cos.astype(self.compute_dtype), sin.astype(self.compute_dtype)
         for layer in self.model.layers:
-            x, _, _ = layer(x, cos, sin, bias)
+            x, _, _ = layer(x, cos, sin, bias, None, None, dropout_keys)
         logits = self._logits(self.model.norm_out(x))
         if labels is None:
             return logits

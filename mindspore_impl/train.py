@@ -57,7 +57,8 @@ from telechat_ascend.convert import convert_checkpoint
 from telechat_ascend.data import ARRAYS, PackedDataset
 from telechat_ascend.errors import TeleChatError
 from telechat_ascend.training import (IGNORE_INDEX, LossLogWriter, LossScaler, Plan, TrainConfig, checkpoint_name,
-                                      add_run_arguments, decays, read_latest, run_config, target_count, write_latest)
+                                      add_run_arguments, decays, dropout_row_keys, read_latest, run_config,
+                                      target_count, write_latest)
 
 
 # ---- distributed setup --------------------------------------------------------------------------------------------
@@ -220,13 +221,13 @@ class WeightedLoss(nn.Cell):
         super().__init__(auto_prefix=False)
         self.model = model
 
-    def construct(self, input_ids, cos, sin, segment_ids, labels, weight):
-        return self.model(input_ids, cos, sin, segment_ids, labels) * weight
+    def construct(self, input_ids, cos, sin, segment_ids, labels, dropout_keys, weight):
+        return self.model(input_ids, cos, sin, segment_ids, labels, None, dropout_keys) * weight
 
 
 class StepFunctions:
     """The device side of an optimizer step, compiled with ms.jit unless context.mode is PYNATIVE:
-    grad(inputs..., weight) -> (weighted loss, grads); accumulate; finish (sum over ranks, unscale, norm, clip);
+    grad(inputs..., dropout_keys, weight) -> (weighted loss, grads); accumulate; finish (sum over ranks, unscale, norm, clip);
     update (AdamW)."""
 
     def __init__(self, model: TelechatForCausalLM, optimizer: AdamW, world: int, clip: float | None, graph: bool):
@@ -244,8 +245,8 @@ class StepFunctions:
             def sum_over_ranks(loss, grads):
                 return loss, grads
 
-        def grad(input_ids, cos, sin, segment_ids, labels, weight):
-            return grad_fn(input_ids, cos, sin, segment_ids, labels, weight)
+        def grad(input_ids, cos, sin, segment_ids, labels, dropout_keys, weight):
+            return grad_fn(input_ids, cos, sin, segment_ids, labels, dropout_keys, weight)
 
         def accumulate(loss, grads, more_loss, more_grads):
             return loss + more_loss, hyper_map(ops.add, grads, more_grads)
@@ -282,9 +283,9 @@ class ShardedStep(nn.Cell):
         self.grad_fn = ms.value_and_grad(self.loss, None, optimizer.params)
         self.hyper_map = ops.HyperMap()
 
-    def construct(self, input_ids, cos, sin, segment_ids, labels, weight, inv_scale, decay_factor, step_size,
-                  bias_correction2_sqrt):
-        loss, grads = self.grad_fn(input_ids, cos, sin, segment_ids, labels, weight)
+    def construct(self, input_ids, cos, sin, segment_ids, labels, dropout_keys, weight, inv_scale, decay_factor,
+                  step_size, bias_correction2_sqrt):
+        loss, grads = self.grad_fn(input_ids, cos, sin, segment_ids, labels, dropout_keys, weight)
         loss, grads, norm = unscale_and_clip(loss, grads, inv_scale, self.clip, self.hyper_map)
         self.optimizer(grads, decay_factor, step_size, bias_correction2_sqrt, ops.isfinite(norm))
         return loss, norm
@@ -437,9 +438,9 @@ def train(config: TrainConfig, resume: bool = False) -> None:
             load_moments(resume_from, optimizer)
         start, updates = state["step"], state["optimizer_updates"]
         scaler = LossScaler(**state["loss_scale"])
-    # Dropout masks: a fresh stream per rank and (re)start, seeded from (seed, rank, start step). MindSpore's compiled
-    # random kernels keep their own state, which no API saves or restores, so with dropout a resumed run differs from
-    # an uninterrupted one (without dropout it is identical).
+    # Dropout masks are keyed by (seed, step, row) (dropout_row_keys), except on Ascend, where the device kernels draw
+    # them from a stream seeded here per rank and (re)start: those kernels keep a state no API saves, so there a
+    # resumed run with dropout differs from an uninterrupted one.
     ms.set_seed(int(np.random.SeedSequence([config.runner.seed, rank, start]).generate_state(1)[0]) % 2 ** 31)
     if parallel.semi_auto:
         sharded = ShardedStep(model, optimizer, config.clip_grad)
@@ -457,7 +458,8 @@ def train(config: TrainConfig, resume: bool = False) -> None:
 
     for step in range(start, plan.total_steps):
         began = time.perf_counter()
-        global_rows = stack_rows(dataset, plan.order.global_rows(step))
+        global_row_ids = plan.order.global_rows(step)
+        global_rows = stack_rows(dataset, global_row_ids)
         total_targets = max(target_count(global_rows["labels"]), 1)
         tokens = int((global_rows["segment_ids"] > 0).sum())
         lr = plan.lr(step)
@@ -467,7 +469,8 @@ def train(config: TrainConfig, resume: bool = False) -> None:
         if parallel.semi_auto:  # every rank feeds the whole global batch; its weight is the loss scale alone
             cos, sin = model.rope(global_rows["position_ids"], seq_len)
             inputs = (Tensor(global_rows["input_ids"]), cos, sin, Tensor(global_rows["segment_ids"]),
-                      Tensor(global_rows["labels"]), Tensor(scaler.scale, ms.float32), inv_scale, *scalars)
+                      Tensor(global_rows["labels"]), Tensor(dropout_row_keys(config.runner.seed, step, global_row_ids)),
+                      Tensor(scaler.scale, ms.float32), inv_scale, *scalars)
             if sharded_checkpoint and step == start:  # parameters take their sliced shapes when the step compiles
                 sharded.compile(*inputs)
                 load_shards(resume_from, model, optimizer, rank)
@@ -479,7 +482,8 @@ def train(config: TrainConfig, resume: bool = False) -> None:
                 cos, sin = model.rope(batch["position_ids"], seq_len)
                 weight = Tensor(target_count(batch["labels"]) / total_targets * scaler.scale, ms.float32)
                 micro = steps.grad(Tensor(batch["input_ids"]), cos, sin, Tensor(batch["segment_ids"]),
-                                   Tensor(batch["labels"]), weight)
+                                   Tensor(batch["labels"]), Tensor(dropout_row_keys(config.runner.seed, step, rows)),
+                                   weight)
                 loss, grads = micro if grads is None else steps.accumulate(loss, grads, *micro)
             loss, grads, norm = steps.finish(loss, grads, inv_scale)
         loss, norm = float(loss), float(norm)

@@ -409,6 +409,13 @@ class DataOrder:
                 for m in range(self.grad_accum)]
 
 
+def dropout_row_keys(seed: int, step: int, rows) -> np.ndarray:
+    """One 32-bit key per dataset row of an optimizer step, for keyed dropout masks (mindspore_impl.model): a
+    function of (seed, step, row) alone, so the masks do not depend on how the global batch is split over workers
+    and accumulation steps, and a resumed run draws those of the uninterrupted run."""
+    return np.array([np.random.SeedSequence([seed, step, int(row)]).generate_state(1)[0] for row in rows], np.int64)
+
+
 @functools.lru_cache(maxsize=2)
 def _permutation(num_rows: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(num_rows)

@@ -194,3 +194,33 @@ def test_cli_generate_and_chat_with_the_mindspore_backend(folder, torch_model, c
     assert capsys.readouterr().out.endswith("\n")
     assert main(["generate", "--backend", "mindspore", "--prompt", "x", "--dtype", "bf16", *common]) == 1
     assert "no bf16 compute kernels on CPU" in capsys.readouterr().err
+
+
+def lowbias32_reference(x: np.ndarray) -> np.ndarray:
+    """Chris Wellons' lowbias32, written with uint32 shifts and wrapping multiplies."""
+    x = x.astype(np.uint32)
+    x ^= x >> np.uint32(16)
+    x *= np.uint32(0x7FEB352D)
+    x ^= x >> np.uint32(15)
+    x *= np.uint32(0x846CA68B)
+    x ^= x >> np.uint32(16)
+    return x
+
+
+def test_keyed_dropout_masks_are_the_hash_of_row_key_site_and_index():
+    from mindspore_impl.model import keyed_dropout
+    p, site = 0.25, 5
+    keys = np.array([7, 2 ** 32 - 1, 7], np.int64)  # rows 0 and 2 share a key, so they share a mask
+    x = np.random.default_rng(0).standard_normal((3, 4, 5)).astype(np.float32)
+    out = keyed_dropout(mindspore.Tensor(x), p, mindspore.Tensor(keys), site).asnumpy()
+    salt = np.uint32((site + 1) * 0x9E3779B9 % 2 ** 32)
+    row_seeds = lowbias32_reference(keys.astype(np.uint32) ^ salt)
+    with np.errstate(over="ignore"):
+        bits = lowbias32_reference(np.arange(20, dtype=np.uint32)[None, :] + row_seeds[:, None]).reshape(x.shape)
+    np.testing.assert_array_equal(out, np.where(bits >= p * 2 ** 32, x / np.float32(1 - p), 0))
+    assert np.array_equal(out[0] == 0, out[2] == 0) and not np.array_equal(out[0] == 0, out[1] == 0)
+
+    other_site = keyed_dropout(mindspore.Tensor(x), p, mindspore.Tensor(keys), site + 1).asnumpy()
+    assert not np.array_equal(out == 0, other_site == 0)
+    big = keyed_dropout(ops.ones((4, 64, 1024), mindspore.float32), 0.1, mindspore.Tensor(np.arange(4)), 0)
+    assert abs(float((big.asnumpy() == 0).mean()) - 0.1) < 0.005
