@@ -1,16 +1,24 @@
 """Int8 against float TeleChat on CPU, over the published Atlas 300I Pro case list: batch 1, input 100, 1000 and
-2000 tokens, output 100 (telechat-format.md §16.2), for a 352M-parameter config (hidden 1536, 12 layers, head_dim 128,
-ffn 4096, vocab 4096) with random weights saved in fp16 (as published checkpoints are), run in fp32, W8A16 and W8A8.
+2000 tokens, output 100 (telechat-format.md §16.2), with random weights saved in fp16 (as published checkpoints are),
+run in fp32, W8A16 and W8A8. Two shapes (--shape):
+  7b-layers  the TeleChat 7B layer (hidden 4096, 32 heads of 128, ffn 12288), 2 of its 30 layers, vocab 4096: 470M
+             parameters. Per layer, weights and KV cache stand in the 7B's proportion (fp32 weights 13x the 2000-token
+             KV cache; 12B: 14x), which decides how much of a decode step int8 weights can speed up.
+  narrow     hidden 1536, 12 layers, 12 heads of 128, ffn 4096, vocab 4096: 352M parameters, but per layer the KV
+             cache weighs 3x more against the weights than in any published TeleChat, so attention over it (equal
+             in float and int8) takes a larger share of each step.
 
-Each model runs in its own process (so peak RSS is its own), loaded with AutoModelForCausalLM.from_pretrained from
-the folder `quantize` wrote. Per model: folder bytes (against the fp16 folder), in-memory state bytes, peak RSS, and
-per case the prefill time, the decode rate over
-tokens 2-100 (KV cache, greedy) and the end-to-end rate (100 tokens / (prefill + decode)). Then accuracy against
-fp32 on the bundled corpus: random weights make perplexity meaningless, so the comparison that counts is the
-relative error of the logits and the share of positions whose argmax agrees.
+Models are loaded with AutoModelForCausalLM.from_pretrained from the folders `quantize` wrote. Speed is measured with
+all three models in one process, interleaved: per case each prefills in turn, then decode steps go round-robin
+(fp32, w8a16, w8a8, fp32, ...), so load on this shared machine falls on all three alike. Per model and case: the
+prefill time, the decode rate over tokens 2-100 (KV cache, greedy), its median step, and the end-to-end rate
+(100 tokens / (prefill + decode)). Peak RSS comes from a separate process per model (load, prefill the longest case,
+a few decode steps). Then folder bytes (against the fp16 folder), in-memory state bytes, and accuracy against fp32 on
+the bundled corpus: random weights make perplexity meaningless, so the comparison that counts is the relative error
+of the logits and the share of positions whose argmax agrees.
 
-    python benchmarks/int8_cpu.py [--workdir runs/int8_bench] [--cases 100,1000,2000] [--new-tokens 100]
-                                  [--threads N]
+    python benchmarks/int8_cpu.py [--shape 7b-layers|narrow] [--workdir runs/int8_bench] [--cases 100,1000,2000]
+                                  [--new-tokens 100] [--threads N]
 """
 
 from __future__ import annotations
@@ -31,17 +39,22 @@ from pytorch_npu.quant import weight_bytes
 from pytorch_npu.quantize import compare, quantize_folder
 from telechat_ascend.tokenizer import TINY_CORPUS, TeleChatTokenizer, build_tiny_tokenizer
 
-CONFIG = dict(vocab_size=4096, hidden_size=1536, n_layer=12, n_head=12, ffn_hidden_size=4096,
-              tie_word_embeddings=False, seq_length=4096)
+SHAPES = {
+    "7b-layers": dict(vocab_size=4096, hidden_size=4096, n_layer=2, n_head=32, ffn_hidden_size=12288,
+                      tie_word_embeddings=False, seq_length=4096),
+    "narrow": dict(vocab_size=4096, hidden_size=1536, n_layer=12, n_head=12, ffn_hidden_size=4096,
+                   tie_word_embeddings=False, seq_length=4096),
+}
 MODELS = ("fp32", "w8a16", "w8a8")
+RSS_DECODE_STEPS = 5
 
 
-def build_folders(workdir: Path) -> None:
+def build_folders(workdir: Path, config: dict) -> None:
     """The random fp32 model with the tiny tokenizer, a calibration file, and its two int8 copies."""
     float_dir = workdir / "fp32"
     if not float_dir.is_dir():
         torch.manual_seed(0)
-        TelechatForCausalLM(TelechatConfig(**CONFIG)).half().save_pretrained(float_dir)
+        TelechatForCausalLM(TelechatConfig(**config)).half().save_pretrained(float_dir)
         build_tiny_tokenizer(float_dir)
     calib = workdir / "calib.jsonl"
     lines = [line for line in TINY_CORPUS.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -54,34 +67,54 @@ def build_folders(workdir: Path) -> None:
             print(f"quantized {method} in {time.perf_counter() - start:.0f} s", flush=True)
 
 
+def load(folder: Path):
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def timed(model, *args, **kwargs):
+    start = time.perf_counter()
+    out = model(*args, use_cache=True, **kwargs)
+    return out, time.perf_counter() - start
+
+
 @torch.no_grad()
-def run_model(folder: Path, cases: list[int], new_tokens: int) -> dict:
-    """Speed of one model folder (run in a child process)."""
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    result = {"bytes": weight_bytes(model), "cases": {}}
+def speed(workdir: Path, vocab_size: int, cases: list[int], new_tokens: int) -> dict:
+    """Prefill and interleaved decode timings of the three models, in this process."""
+    models = {name: load(workdir / name) for name in MODELS}
+    results = {name: {"bytes": weight_bytes(model), "cases": {}} for name, model in models.items()}
     generator = torch.Generator().manual_seed(0)
     for length in cases:
-        prompt = torch.randint(4, CONFIG["vocab_size"], (1, length), generator=generator)
-        start = time.perf_counter()
-        out = model(prompt, use_cache=True)
-        prefill = time.perf_counter() - start
-        token, past, steps = out.logits[:, -1].argmax(-1, keepdim=True), out.past_key_values, []
-        tokens = [int(token)]
-        for _ in range(new_tokens - 1):
-            start = time.perf_counter()
-            out = model(token, past_key_values=past, use_cache=True)
-            steps.append(time.perf_counter() - start)
-            token, past = out.logits[:, -1].argmax(-1, keepdim=True), out.past_key_values
-            tokens.append(int(token))
-        decode = sum(steps)
-        result["cases"][length] = {
-            "prefill_s": prefill, "decode_tokens_per_s": len(steps) / decode,
-            "decode_median_tokens_per_s": 1 / statistics.median(steps),
-            "end_to_end_tokens_per_s": new_tokens / (prefill + decode), "tokens": tokens}
-        print(f"  {folder.name} {length}: prefill {prefill:.2f} s, decode {len(steps) / decode:.2f} tokens/s",
-              file=sys.stderr, flush=True)
-    result["peak_rss_bytes"] = peak_rss()
-    return result
+        prompt = torch.randint(4, vocab_size, (1, length), generator=generator)
+        state, prefill, steps, tokens = {}, {}, {name: [] for name in MODELS}, {name: [] for name in MODELS}
+        for name, model in models.items():
+            out, prefill[name] = timed(model, prompt)
+            state[name] = out
+        for _ in range(new_tokens):
+            for name, model in models.items():
+                token = state[name].logits[:, -1].argmax(-1, keepdim=True)
+                tokens[name].append(int(token))
+                if len(tokens[name]) < new_tokens:
+                    state[name], elapsed = timed(model, token, past_key_values=state[name].past_key_values)
+                    steps[name].append(elapsed)
+        for name in MODELS:
+            decode = sum(steps[name])
+            results[name]["cases"][str(length)] = {
+                "prefill_s": prefill[name], "decode_tokens_per_s": len(steps[name]) / decode,
+                "decode_median_tokens_per_s": 1 / statistics.median(steps[name]),
+                "end_to_end_tokens_per_s": new_tokens / (prefill[name] + decode), "tokens": tokens[name]}
+            print(f"  {name} {length}: prefill {prefill[name]:.2f} s, decode {len(steps[name]) / decode:.2f} "
+                  f"tokens/s", file=sys.stderr, flush=True)
+    return results
+
+
+@torch.no_grad()
+def rss_run(folder: Path, length: int, vocab_size: int) -> int:
+    """Peak RSS of one model alone (run in a child process): load, prefill `length` tokens, a few decode steps."""
+    model = load(folder)
+    out, _ = timed(model, torch.randint(4, vocab_size, (1, length)))
+    for _ in range(RSS_DECODE_STEPS):
+        out, _ = timed(model, out.logits[:, -1].argmax(-1, keepdim=True), past_key_values=out.past_key_values)
+    return peak_rss()
 
 
 def peak_rss() -> int:
@@ -102,8 +135,8 @@ def accuracy(workdir: Path, tokens: int = 2048) -> dict:
             for method in MODELS[1:]}
 
 
-def report(workdir: Path, results: dict, accuracy_results: dict, cases: list[int]) -> None:
-    parameters = TelechatConfig(**CONFIG).telechat.num_parameters()
+def report(workdir: Path, config: dict, results: dict, accuracy_results: dict, cases: list[int]) -> None:
+    parameters = TelechatConfig(**config).telechat.num_parameters()
     print(f"\n{parameters / 1e6:.0f}M parameters, {torch.get_num_threads()} threads")
     fp16_bytes = folder_bytes(workdir / "fp32")  # the float folder is fp16
     print("| model | folder MB | ÷ fp16 folder | in-memory state MB (int8 / scales / float) | peak RSS MB | " +
@@ -129,25 +162,27 @@ def report(workdir: Path, results: dict, accuracy_results: dict, cases: list[int
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=SHAPES, default="7b-layers")
     parser.add_argument("--workdir", type=Path, default=Path("runs/int8_bench"))
     parser.add_argument("--cases", default="100,1000,2000", help="input lengths")
     parser.add_argument("--new-tokens", type=int, default=100)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--run-model", type=Path, help=argparse.SUPPRESS)  # the child process
+    parser.add_argument("--rss-run", type=Path, help=argparse.SUPPRESS)  # the child process
     args = parser.parse_args()
+    config, workdir = SHAPES[args.shape], args.workdir / args.shape
     cases = [int(n) for n in args.cases.split(",")]
     torch.set_num_threads(args.threads)
-    if args.run_model:
-        print(json.dumps(run_model(args.run_model, cases, args.new_tokens)))
+    if args.rss_run:
+        print(rss_run(args.rss_run, max(cases), config["vocab_size"]))
         return
-    build_folders(args.workdir)
-    results = {}
+    build_folders(workdir, config)
+    results = speed(workdir, config["vocab_size"], cases, args.new_tokens)
     for name in MODELS:
-        child = subprocess.run([sys.executable, __file__, "--run-model", str(args.workdir / name), "--cases",
-                                args.cases, "--new-tokens", str(args.new_tokens), "--threads", str(args.threads)],
+        child = subprocess.run([sys.executable, __file__, "--shape", args.shape, "--rss-run", str(workdir / name),
+                                "--cases", args.cases, "--threads", str(args.threads)],
                                stdout=subprocess.PIPE, text=True, check=True)
-        results[name] = json.loads(child.stdout)
-    report(args.workdir, results, accuracy(args.workdir), cases)
+        results[name]["peak_rss_bytes"] = int(child.stdout)
+    report(workdir, config, results, accuracy(workdir), cases)
 
 
 if __name__ == "__main__":

@@ -137,7 +137,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight_scale", torch.ones(scale_shape, dtype=torch.float16))
         self.register_buffer("input_scale", torch.ones((), dtype=torch.float32) if method == "w8a8" else None)
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
-        self._npu_operands = None  # (key, operands): see _operands
+        self._kernel_operands = None  # (key, operands): see _operands
 
     @classmethod
     def from_float(cls, linear: nn.Linear, method: str, group_size: int = 0,
@@ -180,8 +180,9 @@ class Int8Linear(nn.Module):
     def _int8pack_mm(self, x2):
         # A fresh contiguous bf16 copy: the kernel's aligned loads crash on an offset view (e.g. hidden[:, -1:]).
         a = self._activation(x2).to(torch.bfloat16, memory_format=torch.contiguous_format, copy=True)
-        y = torch._weight_int8pack_mm(a, self.weight, self._row_scale().to(torch.bfloat16))
-        return y if self.bias is None else y.float() + self.bias.float()
+        weight, scale, bias = self._operands("cpu", torch.bfloat16)
+        y = torch._weight_int8pack_mm(a, weight, scale)
+        return y if bias is None else y.float() + bias
 
     def _dequant(self, x2):
         # This layer's weight only, for this call. Per-channel scales go on the output (x·(q·s)ᵀ = (x·qᵀ)·s), so w8a8
@@ -194,15 +195,18 @@ class Int8Linear(nn.Module):
         return y if self.bias is None else y + self.bias.float()
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._npu_operands = None  # derived from the state being replaced in place
+        self._kernel_operands = None  # derived from the state being replaced in place
         super()._load_from_state_dict(*args, **kwargs)
 
     def _operands(self, chip: str, dtype: torch.dtype):
-        """The NPU kernels' operands, derived once instead of on every token; rebuilt when the module moves, a buffer
-        is replaced, or the chip or activation dtype changes."""
+        """The kernels' operands (weight, scale, bias), derived once instead of on every token; rebuilt when the
+        module moves, a buffer is replaced, or the chip or activation dtype changes."""
         key = (self.weight.device, chip, dtype, tuple(t.data_ptr() for t in self.buffers()))
-        if self._npu_operands is None or self._npu_operands[0] != key:
-            if self.method == "w8a16":
+        if self._kernel_operands is None or self._kernel_operands[0] != key:
+            if chip == "cpu":  # _weight_int8pack_mm: bf16 scales of the integer product
+                bias = None if self.bias is None else self.bias.float()
+                operands = (self.weight, self._row_scale().to(dtype), bias)
+            elif self.method == "w8a16":
                 # 310P and fp16 x: fp16 bias; bf16 x (A2): fp32 bias. The scale is in x's dtype.
                 bias = None if self.bias is None else self.bias.to(torch.float16 if dtype == torch.float16
                                                                    else torch.float32)
@@ -214,8 +218,8 @@ class Int8Linear(nn.Module):
                 if chip == "310p":  # 310P takes the weight transposed and in the NZ layout only
                     weight = load_torch_npu().npu_format_cast(weight.contiguous(), ACL_FORMAT_FRACTAL_NZ)
                 operands = (weight, scale, bias)
-            self._npu_operands = (key, operands)
-        return self._npu_operands[1]
+            self._kernel_operands = (key, operands)
+        return self._kernel_operands[1]
 
     def _npu_w8a16(self, x2, chip):
         # The kernel takes fp16 or bf16 x; 310P fp16 only.

@@ -637,3 +637,18 @@ def test_npu_operands_follow_a_reloaded_state(version, monkeypatch):
         got = first(x.half())
     assert fake.calls == ["npu_format_cast", "npu_quant_matmul"] * 2
     assert (got.float() - expected).norm() / expected.norm() < 1e-2
+
+
+@pytest.mark.parametrize("method", quant.METHODS)
+def test_cpu_kernel_scales_follow_a_reloaded_state(method):
+    """The bf16 scales the CPU int8 kernel takes are derived once, and again when load_state_dict replaces the
+    state in place: after reloading, a decode-sized call gives what the module it was loaded from gives."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 64)
+    first, second = (quant.Int8Linear.from_float(nn.Linear(64, 48), method, 0, float(x.abs().max()) / 127)
+                     for _ in range(2))
+    with torch.no_grad():
+        before = first(x)
+        first.load_state_dict(second.state_dict())
+        assert not torch.equal(before, second(x))
+        assert torch.equal(first(x), second(x))
