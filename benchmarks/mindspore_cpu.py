@@ -18,7 +18,8 @@ from pytorch_npu import TelechatConfig, TelechatForCausalLM as TorchTelechat
 from telechat_ascend.config import TeleChatConfig
 
 SIZES = {  # --size: the ~40M default, or the ~110M config of benchmarks/torch_cpu.py
-    "40m": dict(vocab_size=16000, hidden_size=512, n_layer=8, n_head=8, ffn_hidden_size=1376, tie_word_embeddings=False),
+    "40m": dict(vocab_size=16000, hidden_size=512, n_layer=8, n_head=8, ffn_hidden_size=1376,
+                tie_word_embeddings=False),
     "110m": dict(vocab_size=16000, hidden_size=768, n_layer=12, n_head=12, ffn_hidden_size=2048,
                  tie_word_embeddings=False),
 }

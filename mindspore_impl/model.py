@@ -55,7 +55,8 @@ def lowbias32(x):
 def keyed_dropout(x, p: float, row_keys, site: int):
     """Dropout whose mask is a pure function of the inputs: element i of row b is kept when
     lowbias32((lowbias32(key_b ^ salt) + i) mod 2^32) >= p·2^32, with i the element's flat index within its row and
-    salt = (site + 1)·0x9E3779B9 mod 2^32 setting apart the model's dropout sites. Kept values are scaled by 1/(1-p)."""
+    salt = (site + 1)·0x9E3779B9 mod 2^32 setting apart the model's dropout sites. Kept values are scaled by
+    1/(1-p)."""
     b = x.shape[0]
     per_row = x.size // b
     salt = (site + 1) * 0x9E3779B9 & UINT32
@@ -186,11 +187,11 @@ class DecoderLayer(nn.Cell):
 
     def __init__(self, config: TeleChatConfig, fused: bool, index: int):
         super().__init__()
+        self.hidden_dropout, self.fused, self.dropout_site = config.hidden_dropout, fused, 3 * index
         self.attention_norm = RMSNorm(config.hidden_size, config.layer_norm_epsilon, fused)
-        self.attention = Attention(config, fused, 3 * index)
+        self.attention = Attention(config, fused, self.dropout_site)
         self.ffn_norm = RMSNorm(config.hidden_size, config.layer_norm_epsilon, fused)
         self.feed_forward = FeedForward(config, fused)
-        self.hidden_dropout, self.fused, self.dropout_site = config.hidden_dropout, fused, 3 * index
 
     def construct(self, x, cos, sin, bias, past_k=None, past_v=None, dropout_keys=None):
         attention, k, v = self.attention(self.attention_norm(x), cos, sin, bias, past_k, past_v, dropout_keys)

@@ -51,7 +51,7 @@ from mindspore import ParameterTuple, Tensor, nn, ops
 
 from mindspore_impl.model import TelechatForCausalLM
 from mindspore_impl.pretrained import COMPUTE_DTYPES, from_pretrained, save_pretrained
-from telechat_ascend.checkpoint import MS_CKPT, atomic_output_dir
+from telechat_ascend.checkpoint import MS_CKPT, atomic_output_dir, publish_dir
 from telechat_ascend.config import TeleChatConfig
 from telechat_ascend.convert import convert_checkpoint
 from telechat_ascend.data import ARRAYS, PackedDataset
@@ -227,8 +227,8 @@ class WeightedLoss(nn.Cell):
 
 class StepFunctions:
     """The device side of an optimizer step, compiled with ms.jit unless context.mode is PYNATIVE:
-    grad(inputs..., dropout_keys, weight) -> (weighted loss, grads); accumulate; finish (sum over ranks, unscale, norm, clip);
-    update (AdamW)."""
+    grad(inputs..., dropout_keys, weight) -> (weighted loss, grads); accumulate; finish (sum over ranks, unscale,
+    norm, clip); update (AdamW)."""
 
     def __init__(self, model: TelechatForCausalLM, optimizer: AdamW, world: int, clip: float | None, graph: bool):
         hyper_map = ops.HyperMap()
@@ -331,9 +331,7 @@ def save_shards(checkpoints: Path, step: int, keep_last: int, model, optimizer: 
         model.config.save(partial / "model")
         shutil.copy(strategy, partial / "strategy.ckpt")
         (partial / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
-        if (checkpoints / name).exists():
-            shutil.rmtree(checkpoints / name)
-        os.replace(partial, checkpoints / name)
+        publish_dir(partial, checkpoints / name)
         write_latest(checkpoints, name, keep_last)
     barrier()
 

@@ -97,12 +97,16 @@ def _device_type(x: torch.Tensor) -> str:
     return x.device.type
 
 
+def check_chip_groups(chip: str | None, group_size: int) -> None:
+    if chip == "310p" and group_size:
+        raise TeleChatError("Atlas 300I (310P) runs npu_weight_quant_batchmatmul per channel only (it takes no "
+                            "antiquant_group_size there): quantize without --group-size for this card")
+
+
 def int8_kernel(device_type: str, chip: str, method: str, rows: int, in_features: int, group_size: int) -> str:
     """Which implementation an Int8Linear call runs (see the module docstring)."""
     if device_type == "npu":
-        if chip == "310p" and group_size:
-            raise TeleChatError("Atlas 300I (310P) runs npu_weight_quant_batchmatmul per channel only; quantize "
-                                "without --group-size for this card")
+        check_chip_groups(chip, group_size)
         return "npu_quant_matmul" if method == "w8a8" else "npu_weight_quant_batchmatmul"
     # The CPU kernel loads bf16 rows with aligned 16-byte loads: K must be a multiple of 8.
     if device_type == "cpu" and rows <= CPU_DECODE_ROWS and in_features % 8 == 0 and not group_size:

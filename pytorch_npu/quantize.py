@@ -26,15 +26,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from telechat_ascend.checkpoint import SIDE_FILES, atomic_output_dir
+from telechat_ascend.checkpoint import atomic_output_dir, copy_side_files
+from telechat_ascend.cli import TORCH_COMMANDS
 from telechat_ascend.config import TeleChatConfig
 from telechat_ascend.errors import TeleChatError
 from telechat_ascend.tokenizer import TeleChatTokenizer
 
 from .device import resolve_device, resolve_dtype
 from .modeling_telechat import TelechatForCausalLM
-from .quant import (METHODS, QMAX, Int8Linear, check_quantization, quantizable_linears, set_chip, set_module,
-                    weight_bytes)
+from .quant import (METHODS, QMAX, Int8Linear, check_chip_groups, check_quantization, quantizable_linears, set_chip,
+                    set_module, weight_bytes)
 
 CALIB_SAMPLES = 32  # prompts read from --calib
 CALIB_TOKENS = 256  # each truncated to this many tokens
@@ -227,9 +228,7 @@ def quantize_folder(src: str | Path, out: str | Path, method: str, calib: str | 
     """Quantize the float TeleChat folder `src` into `out`; returns the quant_config record."""
     # Everything that can be checked before loading the model is.
     check_options(method, group_size, keep_float, calib is not None)
-    if soc == "310p" and group_size:
-        raise TeleChatError("Atlas 300I (310P) runs W8A16 per channel only (npu_weight_quant_batchmatmul takes no "
-                            "antiquant_group_size there): drop --group-size")
+    check_chip_groups(soc, group_size)
     texts = read_prompts(calib) if calib else []
     model, dtype = load_float_model(src)
     calibration = calibration_ids(TeleChatTokenizer.from_pretrained(src), texts)
@@ -240,10 +239,8 @@ def quantize_folder(src: str | Path, out: str | Path, method: str, calib: str | 
     record.update(source=str(src), soc=soc, float_dtype=str(dtype).removeprefix("torch."),
                   bytes={"float_model": float_bytes, **weight_bytes(model)})
     with atomic_output_dir(out, force) as folder:
+        copy_side_files(Path(src), folder)  # the tokenizer; save_pretrained writes config and generation config over
         model.save_pretrained(folder)
-        for name in SIDE_FILES:  # the tokenizer; config and generation config were written by save_pretrained
-            if not (folder / name).exists() and (Path(src) / name).is_file():
-                (folder / name).write_bytes((Path(src) / name).read_bytes())
         (folder / "quant_config.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return record
 
@@ -311,7 +308,7 @@ def _run_eval(args) -> None:
 
 def add_quant_commands(subparsers) -> None:
     """Register `quantize` and `eval-quant` on the telechat-ascend subcommand parser."""
-    quantize = subparsers.add_parser("quantize", help="write an int8 (W8A16 or W8A8) copy of a TeleChat folder")
+    quantize = subparsers.add_parser("quantize", help=TORCH_COMMANDS["quantize"])
     quantize.add_argument("--method", required=True, choices=METHODS)
     quantize.add_argument("--model", required=True, type=Path, help="the float TeleChat folder")
     quantize.add_argument("--out", required=True, type=Path)
@@ -327,7 +324,7 @@ def add_quant_commands(subparsers) -> None:
     quantize.add_argument("--force", action="store_true", help="replace an existing output folder")
     quantize.set_defaults(run=_run_quantize)
 
-    evaluate = subparsers.add_parser("eval-quant", help="perplexity and greedy agreement of an int8 model vs float")
+    evaluate = subparsers.add_parser("eval-quant", help=TORCH_COMMANDS["eval-quant"])
     evaluate.add_argument("--float", dest="float_model", required=True, type=Path)
     evaluate.add_argument("--int8", dest="int8_model", required=True, type=Path)
     evaluate.add_argument("--text", required=True, type=Path, help="a UTF-8 text file to score")

@@ -331,6 +331,12 @@ def atomic_output_dir(dst: str | Path, force: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    publish_dir(tmp, dst)
+
+
+def publish_dir(tmp: Path, dst: Path) -> None:
+    """Makes the finished folder `tmp` (a sibling of `dst`) appear as `dst`, replacing any old `dst` only once the
+    new one is in place."""
     _apply_umask(tmp)
     if dst.exists():
         old = dst.with_name(f".{dst.name}.replaced-{os.getpid()}")
