@@ -122,7 +122,9 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(workspace, single):
     assert_same_run(single, workspace / "killed", 1e-6)
 
 
-def test_bf16_autocast_run_trains(workspace):
+def test_bf16_autocast_run_trains(workspace, single):
+    """bf16 compute with fp32 master weights follows the fp32 run (same weights, batches and schedule) to bf16's
+    precision."""
     config = write_config(workspace, "bf16", 1, 4, max_steps=2)
     values = yaml.safe_load(config.read_text())
     values["model"]["dtype"], values["amp_level"] = "bf16", "O2"
@@ -130,6 +132,8 @@ def test_bf16_autocast_run_trains(workspace):
     launch(config)
     records = read_loss_log(workspace / "bf16" / "loss_log.jsonl")
     assert len(records) == 2 and all(r["loss"] > 0 for r in records)
+    assert losses(workspace / "bf16") == pytest.approx(losses(single)[:2], rel=1e-3)
+    assert losses(workspace / "bf16") != losses(single)[:2]  # it did compute in bf16
 
 
 def test_parity_across_backends_from_the_cli(workspace, capsys):
