@@ -42,6 +42,7 @@ LINEARS = ("query", "key_value", "dense", "gate_proj", "up_proj", "down_proj")  
 QMAX = 127  # symmetric int8: -128 is never used, so negation stays exact
 CPU_DECODE_ROWS = 16  # at most this many rows per call take the CPU int8 kernel; more are prefill (see above)
 ACL_FORMAT_FRACTAL_NZ = 29
+KERNEL_ALIGNMENT = 64  # bytes: torch's CPU allocator gives this, and AVX-512 kernels load whole 64-byte lines
 
 
 def check_quantization(quantization: dict) -> tuple[str, int, list[str]]:
@@ -91,6 +92,17 @@ def round_activation(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 # --- kernels -------------------------------------------------------------------------------------------------------
+
+def kernel_friendly(t: torch.Tensor | None) -> torch.Tensor | None:
+    """`t` itself if it is contiguous and starts on a KERNEL_ALIGNMENT boundary, else an owned contiguous copy.
+
+    `_weight_int8pack_mm` crashes (SIGSEGV) on AVX-512 CPUs when its int8 weight does not start on a 16-byte
+    boundary, and a tensor memory-mapped from a safetensors file starts wherever the header length puts it. A fresh
+    allocation is aligned, and owning it also means no kernel ever reads a file mapping that may change under it."""
+    if t is None or t.device.type == "meta" or (t.is_contiguous() and t.data_ptr() % KERNEL_ALIGNMENT == 0):
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
 
 def _device_type(x: torch.Tensor) -> str:
     # The one place the device is read, so the tests can drive the NPU branches on CPU with a fake torch_npu.
@@ -201,6 +213,10 @@ class Int8Linear(nn.Module):
     def _load_from_state_dict(self, *args, **kwargs):
         self._kernel_operands = None  # derived from the state being replaced in place
         super()._load_from_state_dict(*args, **kwargs)
+        # transformers assigns the loaded tensors (assign=True): views into the memory-mapped file. The buffers are
+        # made kernel-friendly here, once per load (see kernel_friendly), not on every call.
+        for name, buffer in self._buffers.items():
+            self._buffers[name] = kernel_friendly(buffer)
 
     def _operands(self, chip: str, dtype: torch.dtype):
         """The kernels' operands (weight, scale, bias), derived once instead of on every token; rebuilt when the
@@ -209,7 +225,7 @@ class Int8Linear(nn.Module):
         if self._kernel_operands is None or self._kernel_operands[0] != key:
             if chip == "cpu":  # _weight_int8pack_mm: bf16 scales of the integer product
                 bias = None if self.bias is None else self.bias.float()
-                operands = (self.weight, self._row_scale().to(dtype), bias)
+                operands = (kernel_friendly(self.weight), self._row_scale().to(dtype), bias)
             elif self.method == "w8a16":
                 # 310P and fp16 x: fp16 bias; bf16 x (A2): fp32 bias. The scale is in x's dtype.
                 bias = None if self.bias is None else self.bias.to(torch.float16 if dtype == torch.float16
