@@ -8,8 +8,8 @@ parallel and optimizer sharding through MindSpore semi-auto parallel.
 msrun runs a script path and starts each worker with the first `python` on PATH, so activate the environment
 (or put .venv/bin first on PATH). parallel.data_parallel x parallel.model_parallel must equal --worker_num.
 
-The config, schedule, data order, weight-decay rule and loss log are shared with the PyTorch trainer
-(telechat_ascend/training.py); this file holds the MindSpore side. One optimizer step:
+The loop, output folder, resume, data order and loss log are the shared ones (telechat_ascend/trainer.py, run by
+both trainers); this file holds the MindSpore side. One optimizer step:
   1. every rank runs its accumulation steps; micro-batch i's mean loss is weighted by its share n_i / N of the
      global batch's N target tokens (and by the loss scale) and the gradients are summed over micro-batches;
   2. gradients and loss are summed over ranks (nn.DistributedGradReducer, mean=False: the weights already divide
@@ -18,10 +18,8 @@ The config, schedule, data order, weight-decay rule and loss log are shared with
      otherwise they are clipped to clip_grad and AdamW updates the fp32 master weights.
 N is counted on the host from the global batch's labels, which every rank can read, so no collective is needed.
 
-Output (runner.output_dir): loss_log.jsonl; checkpoints/step-NNNNNN/ with model/ (MindSpore folder, MindFormers
-names), optimizer.ckpt (adam_m.* / adam_v.*) and trainer_state.json (step, data position, update count, loss
-scale, seeds), plus checkpoints/latest; final/mindspore and final/hf (the shared converter's HF copy). Only rank 0
-writes; the ranks hold identical weights.
+Checkpoint files (checkpoints/step-NNNNNN/): model/ (MindSpore folder, MindFormers names) and optimizer.ckpt
+(adam_m.* / adam_v.*), written by rank 0 (the ranks hold identical weights); final/mindspore beside final/hf.
 
 Semi-auto parallel (parallel.model_parallel > 1 or optimizer_shard; Ascend, GRAPH mode): the model's matmuls carry
 Megatron-style strategies (TelechatForCausalLM.shard) and the compiler shards the rest by propagation. The step is
@@ -34,14 +32,11 @@ the strategies are tested here; the sharded run itself has not been run.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
-import json
 import math
 import os
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -51,14 +46,12 @@ from mindspore import ParameterTuple, Tensor, nn, ops
 
 from mindspore_impl.model import TelechatForCausalLM
 from mindspore_impl.pretrained import COMPUTE_DTYPES, from_pretrained, save_pretrained
-from telechat_ascend.checkpoint import MS_CKPT, atomic_output_dir, publish_dir
+from telechat_ascend.checkpoint import MS_CKPT
 from telechat_ascend.config import TeleChatConfig
 from telechat_ascend.convert import convert_checkpoint
-from telechat_ascend.data import ARRAYS, PackedDataset
 from telechat_ascend.errors import TeleChatError
-from telechat_ascend.training import (IGNORE_INDEX, LossLogWriter, LossScaler, Plan, TrainConfig, checkpoint_name,
-                                      add_run_arguments, decays, dropout_row_keys, read_latest, run_config,
-                                      target_count, write_latest)
+from telechat_ascend.trainer import StepInputs, StepResult, train
+from telechat_ascend.training import IGNORE_INDEX, TrainConfig, add_run_arguments, decays, run_config
 
 
 # ---- distributed setup --------------------------------------------------------------------------------------------
@@ -121,6 +114,11 @@ class MindRecordRows:
         from mindspore.mindrecord import FileReader
         if not Path(path).is_file():
             raise TeleChatError(f"train_dataset.mindrecord: {path} not found")
+        digest = hashlib.sha256()
+        with open(path, "rb") as file:
+            for block in iter(lambda: file.read(1 << 20), b""):
+                digest.update(block)
+        self.fingerprint = digest.hexdigest()  # what a resumed run must train on again
         reader = FileReader(str(path), num_consumer=1, columns=["input_ids", "labels"])
         rows = list(reader.get_next())
         reader.close()
@@ -138,32 +136,20 @@ class MindRecordRows:
         return {name: array[i] for name, array in self.arrays.items()}
 
 
-def open_dataset(config: TrainConfig, pad_id: int):
-    if config.train_dataset.data_dir is not None:
-        return PackedDataset(config.train_dataset.data_dir)
-    return MindRecordRows(config.train_dataset.mindrecord, pad_id)
-
-
-def stack_rows(dataset, rows) -> dict[str, np.ndarray]:
-    return {name: np.stack([dataset[i][name] for i in rows]) for name in ARRAYS}
-
-
 # ---- model --------------------------------------------------------------------------------------------------------
 
-def build_model(config: TrainConfig, checkpoint: Path | None, sharded_checkpoint: bool) -> TelechatForCausalLM:
-    """The model to train: the checkpoint's when resuming, else the config's folder or a new preset model (seeded,
-    so every rank draws the same initial weights)."""
+def build_model(config: TrainConfig, source, sharded_checkpoint: Path | None) -> TelechatForCausalLM:
+    """The model to train: from a folder (a checkpoint's model/ when resuming) or a new preset model (seeded, so
+    every rank draws the same initial weights)."""
     dtype = config.model.dtype
-    if sharded_checkpoint:
+    if sharded_checkpoint is not None:
         # The weights are the checkpoint's per-rank slices, loaded once the sharded step is compiled (load_shards).
-        model = TelechatForCausalLM(TeleChatConfig.load(checkpoint / "model"), COMPUTE_DTYPES[dtype])
-    elif checkpoint is not None:
-        model = from_pretrained(checkpoint / "model", dtype)
-    elif config.model.path is not None:
-        model = from_pretrained(config.model.path, dtype)
+        model = TelechatForCausalLM(TeleChatConfig.load(source), COMPUTE_DTYPES[dtype])
+    elif Path(source).is_dir():
+        model = from_pretrained(source, dtype)
     else:
         ms.set_seed(config.runner.seed)
-        model = TelechatForCausalLM(TeleChatConfig.preset(config.model.preset), COMPUTE_DTYPES[dtype])
+        model = TelechatForCausalLM(TeleChatConfig.preset(source), COMPUTE_DTYPES[dtype])
     config.parallel.check_model(model.config)
     if config.parallel.semi_auto:
         model.shard(config.parallel.data_parallel, config.parallel.model_parallel)
@@ -300,40 +286,20 @@ def _compiled(fn):
 
 # ---- checkpointing ------------------------------------------------------------------------------------------------
 
-def save_checkpoint(checkpoints: Path, step: int, keep_last: int, model, optimizer: AdamW, state: dict) -> None:
-    name = checkpoint_name(step)
-    with atomic_output_dir(checkpoints / name, force=True) as tmp:
-        save_pretrained(model, tmp / "model")
-        moments = [{"name": p.name, "data": p} for p in (*optimizer.moments1, *optimizer.moments2)]
-        ms.save_checkpoint(moments, str(tmp / "optimizer.ckpt"))
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
-    write_latest(checkpoints, name, keep_last)
-
-
-def save_shards(checkpoints: Path, step: int, keep_last: int, model, optimizer: AdamW, state: dict, rank: int,
-                strategy: Path) -> None:
+def save_shards(folder: Path, model, optimizer: AdamW, rank: int, strategy: Path) -> None:
     """Semi-auto parallel checkpoint, MindFormers' layout: every rank saves the slices it holds
-    (model_shards/rank_{r}/model.ckpt, optimizer_shards/rank_{r}/optimizer.ckpt); rank 0 adds model/config.json,
-    the strategy file that maps slices to full tensors, and trainer_state.json. All write into a hidden folder that
-    rank 0 renames, and `latest` moves, only once every rank has finished."""
-    from mindspore.communication.comm_func import barrier
-    name = checkpoint_name(step)
-    partial = checkpoints / f".{name}.partial"
+    (model_shards/rank_{r}/model.ckpt, optimizer_shards/rank_{r}/optimizer.ckpt); rank 0 adds model/config.json and
+    the strategy file that maps slices to full tensors."""
     for kind, parameters in (("model", model.get_parameters()),
                              ("optimizer", (*optimizer.moments1, *optimizer.moments2))):
-        folder = partial / f"{kind}_shards" / f"rank_{rank}"
-        folder.mkdir(parents=True, exist_ok=True)
-        ms.save_checkpoint([{"name": p.name, "data": p} for p in parameters], str(folder / f"{kind}.ckpt"),
+        shard = folder / f"{kind}_shards" / f"rank_{rank}"
+        shard.mkdir(parents=True, exist_ok=True)
+        ms.save_checkpoint([{"name": p.name, "data": p} for p in parameters], str(shard / f"{kind}.ckpt"),
                            integrated_save=False)
-    barrier()
     if rank == 0:
-        (partial / "model").mkdir()
-        model.config.save(partial / "model")
-        shutil.copy(strategy, partial / "strategy.ckpt")
-        (partial / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
-        publish_dir(partial, checkpoints / name)
-        write_latest(checkpoints, name, keep_last)
-    barrier()
+        (folder / "model").mkdir()
+        model.config.save(folder / "model")
+        shutil.copy(strategy, folder / "strategy.ckpt")
 
 
 def load_shards(folder: Path, model, optimizer: AdamW, rank: int) -> None:
@@ -342,50 +308,33 @@ def load_shards(folder: Path, model, optimizer: AdamW, rank: int) -> None:
         path = folder / f"{kind}_shards" / f"rank_{rank}" / f"{kind}.ckpt"
         if not path.is_file():
             raise TeleChatError(f"{path} not found: resume with the parallel settings the checkpoint was written with")
-        not_loaded, _ = ms.load_param_into_net(cell, ms.load_checkpoint(str(path)), strict_load=True)
+        not_loaded, _ = ms.load_param_into_net(cell, _read_ckpt(path), strict_load=True)
         if not_loaded:
             raise TeleChatError(f"{path}: no {not_loaded[0]} (and {len(not_loaded) - 1} more)")
 
 
-def export_shards(folder: Path, out: Path) -> None:
-    """out/final from a semi-auto checkpoint: its slices merged into one MindSpore checkpoint by
-    ms.transform_checkpoints (through the strategy file), then the HF copy."""
-    with atomic_output_dir(out, force=True) as tmp:
-        merged = tmp / "merged"
-        ms.transform_checkpoints(str(folder / "model_shards"), str(merged), "telechat",
-                                 str(folder / "strategy.ckpt"), None)
-        (tmp / "mindspore").mkdir()
-        os.replace(merged / "rank_0" / "telechat0.ckpt", tmp / "mindspore" / MS_CKPT)
-        shutil.rmtree(merged)
-        shutil.copy(folder / "model" / "config.json", tmp / "mindspore" / "config.json")
-        convert_checkpoint(tmp / "mindspore", tmp / "hf", to="hf")
+def export_shards(folder: Path, final: Path) -> None:
+    """final/mindspore from a semi-auto checkpoint: its slices merged into one MindSpore checkpoint by
+    ms.transform_checkpoints (through the strategy file); final/hf is converted from it."""
+    merged = final / "merged"
+    ms.transform_checkpoints(str(folder / "model_shards"), str(merged), "telechat", str(folder / "strategy.ckpt"),
+                             None)
+    (final / "mindspore").mkdir()
+    os.replace(merged / "rank_0" / "telechat0.ckpt", final / "mindspore" / MS_CKPT)
+    shutil.rmtree(merged)
+    shutil.copy(folder / "model" / "config.json", final / "mindspore" / "config.json")
 
 
-def trainer_state(step: int, plan: Plan, updates: int, scaler: LossScaler, world: int,
-                  config: TrainConfig) -> dict:
-    """What resuming needs besides weights and moments. The data position follows from the step (DataOrder is a
-    pure function of it); epoch and batch_in_epoch are recorded for people."""
-    epoch, index = plan.order.position(step)
-    return {"step": step, "epoch": epoch, "batch_in_epoch": index, "total_steps": plan.total_steps,
-            "optimizer_updates": updates, "loss_scale": dataclasses.asdict(scaler), "world_size": world,
-            "parallel": dataclasses.asdict(config.parallel),
-            "data": {"rows": plan.order.num_rows, "global_batch": plan.order.global_batch, "seed": plan.order.seed}}
-
-
-def load_trainer_state(folder: Path, plan: Plan) -> dict:
-    """The checkpoint's trainer state, checked against this run's data order (rows, global batch, seed): resuming
-    with another order would silently train on other data."""
-    state = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
-    order = plan.order
-    for key, now in (("rows", order.num_rows), ("global_batch", order.global_batch), ("seed", order.seed)):
-        if state["data"][key] != now:
-            raise TeleChatError(f"{folder}: the checkpoint was trained with data {key} {state['data'][key]}, this "
-                                f"run has {now}; resume with the same dataset, global batch and seed")
-    return state
+def _read_ckpt(path: Path) -> dict:
+    try:
+        return ms.load_checkpoint(str(path))
+    except (RuntimeError, ValueError, OSError) as error:  # MindSpore's error for a damaged or truncated file
+        raise TeleChatError(f"{path}: unreadable MindSpore checkpoint ({type(error).__name__}: "
+                            f"{str(error).splitlines()[0] if str(error) else ''})") from None
 
 
 def load_moments(folder: Path, optimizer: AdamW) -> None:
-    saved = ms.load_checkpoint(str(folder / "optimizer.ckpt"))
+    saved = _read_ckpt(folder / "optimizer.ckpt")
     for moment in (*optimizer.moments1, *optimizer.moments2):
         if moment.name not in saved:
             raise TeleChatError(f"{folder / 'optimizer.ckpt'}: no {moment.name}")
@@ -400,126 +349,96 @@ def weights_digest(model) -> str:
     return digest.hexdigest()
 
 
-# ---- the loop -----------------------------------------------------------------------------------------------------
+# ---- the backend --------------------------------------------------------------------------------------------------
 
-def train(config: TrainConfig, resume: bool = False) -> None:
-    rank, world = setup(config)
-    out = Path(config.runner.output_dir)
-    checkpoints = out / "checkpoints"
-    resume_from = read_latest(checkpoints)
-    if resume and resume_from is None:
-        raise TeleChatError(f"--resume: no checkpoint in {checkpoints}")
-    if not resume and resume_from is not None:
-        raise TeleChatError(f"{out} already holds checkpoints; pass --resume to continue, or choose another "
-                            f"runner.output_dir")
+class MindSporeBackend:
+    """The MindSpore side of the shared training loop (telechat_ascend.trainer.TrainBackend)."""
+    name = "mindspore"
+    manages_loss_scale = False
 
-    model_source = resume_from / "model" if resume_from else config.model.path or config.model.preset
-    dataset = open_dataset(config, TeleChatConfig.load(model_source).pad_token_id)
-    seq_len = len(dataset[0]["input_ids"])
-    plan = Plan.make(config, len(dataset))
-    state = load_trainer_state(resume_from, plan) if resume_from else None
-    if state and state["total_steps"] != plan.total_steps:
-        print(f"note: the checkpoint's run was {state['total_steps']} steps, this one is {plan.total_steps}: the "
-              f"learning-rate schedule changes from here")
+    def start(self, config: TrainConfig) -> tuple[int, int]:
+        self.config = config
+        self.rank, self.world = setup(config)
+        self.model = None
+        return self.rank, self.world
 
-    parallel = config.parallel
-    sharded_checkpoint = resume_from is not None and (resume_from / "model_shards").is_dir()
-    if sharded_checkpoint and state["parallel"] != dataclasses.asdict(parallel):
-        raise TeleChatError(f"{resume_from} holds per-rank slices written with parallel settings {state['parallel']}; "
-                            f"resume with those (or merge the slices with ms.transform_checkpoints)")
-    model = build_model(config, resume_from, sharded_checkpoint)
-    optimizer = AdamW(model.trainable_params(), config.optimizer.betas, config.optimizer.eps)
-    scaler = LossScaler.from_config(config.loss_scale)
-    start, updates = 0, 0
-    if state:
-        if not sharded_checkpoint:
-            load_moments(resume_from, optimizer)
-        start, updates = state["step"], state["optimizer_updates"]
-        scaler = LossScaler(**state["loss_scale"])
-    # Dropout masks are keyed by (seed, step, row) (dropout_row_keys), except on Ascend, where the device kernels draw
-    # them from a stream seeded here per rank and (re)start: those kernels keep a state no API saves, so there a
-    # resumed run with dropout differs from an uninterrupted one.
-    ms.set_seed(int(np.random.SeedSequence([config.runner.seed, rank, start]).generate_state(1)[0]) % 2 ** 31)
-    if parallel.semi_auto:
-        sharded = ShardedStep(model, optimizer, config.clip_grad)
-        strategy = out / "strategy" / f"rank_{rank}.ckpt"  # written by the compiler (setup_semi_auto)
-    else:
-        steps = StepFunctions(model, optimizer, world, config.clip_grad, config.context.mode == "GRAPH")
+    def open_dataset(self, config: TrainConfig, pad_id: int) -> MindRecordRows:
+        return MindRecordRows(config.train_dataset.mindrecord, pad_id)
 
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
-        log = LossLogWriter(out / "loss_log.jsonl", start if state else None)
-        print(f"training {plan.total_steps} steps ({plan.order.steps_per_epoch} per epoch, global batch "
-              f"{plan.order.global_batch} = {config.runner.batch_size} x {world} workers x "
-              f"{config.runner.gradient_accumulation_steps} accumulation), from step {start}", flush=True)
+    def build(self, config: TrainConfig, model_source, checkpoint: Path | None) -> None:
+        sharded = checkpoint if checkpoint is not None and (checkpoint / "model_shards").is_dir() else None
+        self.model = build_model(config, model_source, sharded)
+        self.optimizer = AdamW(self.model.trainable_params(), config.optimizer.betas, config.optimizer.eps)
+        self.pending_shards = sharded
+        if checkpoint is not None and sharded is None:
+            load_moments(checkpoint, self.optimizer)
+        self.seeded = False
+        if config.parallel.semi_auto:
+            self.sharded = ShardedStep(self.model, self.optimizer, config.clip_grad)
+            self.strategy = Path(config.runner.output_dir) / "strategy" / f"rank_{self.rank}.ckpt"  # setup_semi_auto
+        else:
+            self.steps = StepFunctions(self.model, self.optimizer, self.world, config.clip_grad, config.context.graph)
 
-    for step in range(start, plan.total_steps):
-        began = time.perf_counter()
-        global_row_ids = plan.order.global_rows(step)
-        global_rows = stack_rows(dataset, global_row_ids)
-        total_targets = max(target_count(global_rows["labels"]), 1)
-        tokens = int((global_rows["segment_ids"] > 0).sum())
-        lr = plan.lr(step)
-        inv_scale = Tensor(1.0 / scaler.scale, ms.float32)
+    def step(self, inputs: StepInputs) -> StepResult:
+        if not self.seeded:
+            # Dropout masks are keyed by (seed, step, row) (dropout_keys), except on Ascend, where the device kernels
+            # draw them from this stream: they keep a state no API saves, so there a resumed run with dropout
+            # differs from an uninterrupted one.
+            ms.set_seed(inputs.seed)
+            self.seeded = True
+        config, model = self.config, self.model
+        optimizer_config = config.optimizer
+        inv_scale = Tensor(1.0 / inputs.loss_scale, ms.float32)
         # The scalars of the update this step makes if its gradients are finite.
-        scalars = adamw_scalars(lr, config.optimizer.weight_decay, config.optimizer.betas, updates + 1)
-        if parallel.semi_auto:  # every rank feeds the whole global batch; its weight is the loss scale alone
-            cos, sin = model.rope(global_rows["position_ids"], seq_len)
-            inputs = (Tensor(global_rows["input_ids"]), cos, sin, Tensor(global_rows["segment_ids"]),
-                      Tensor(global_rows["labels"]), Tensor(dropout_row_keys(config.runner.seed, step, global_row_ids)),
-                      Tensor(scaler.scale, ms.float32), inv_scale, *scalars)
-            if sharded_checkpoint and step == start:  # parameters take their sliced shapes when the step compiles
-                sharded.compile(*inputs)
-                load_shards(resume_from, model, optimizer, rank)
-            loss, norm = sharded(*inputs)  # updates the weights itself when the norm is finite
+        scalars = adamw_scalars(inputs.lr, optimizer_config.weight_decay, optimizer_config.betas, inputs.update_number)
+        if config.parallel.semi_auto:  # every rank feeds the whole global batch; its weight is the loss scale alone
+            batch = inputs.global_batch
+            cos, sin = model.rope(batch["position_ids"], batch["input_ids"].shape[1])
+            args = (Tensor(batch["input_ids"]), cos, sin, Tensor(batch["segment_ids"]), Tensor(batch["labels"]),
+                    Tensor(batch["dropout_keys"]), Tensor(inputs.loss_scale, ms.float32), inv_scale, *scalars)
+            if self.pending_shards is not None:  # parameters take their sliced shapes when the step compiles
+                self.sharded.compile(*args)
+                load_shards(self.pending_shards, model, self.optimizer, self.rank)
+                self.pending_shards = None
+            loss, norm = self.sharded(*args)  # updates the weights itself when the norm is finite
         else:
             loss = grads = None
-            for rows in plan.order.micro_batches(step, rank):
-                batch = stack_rows(dataset, rows)
-                cos, sin = model.rope(batch["position_ids"], seq_len)
-                weight = Tensor(target_count(batch["labels"]) / total_targets * scaler.scale, ms.float32)
-                micro = steps.grad(Tensor(batch["input_ids"]), cos, sin, Tensor(batch["segment_ids"]),
-                                   Tensor(batch["labels"]), Tensor(dropout_row_keys(config.runner.seed, step, rows)),
-                                   weight)
-                loss, grads = micro if grads is None else steps.accumulate(loss, grads, *micro)
-            loss, grads, norm = steps.finish(loss, grads, inv_scale)
-        loss, norm = float(loss), float(norm)
-        finite = math.isfinite(norm)  # the sum over ranks carries any worker's inf/nan into every rank's norm
-        if finite:
-            updates += 1
-            if not parallel.semi_auto:
-                steps.update(grads, *scalars)
-        scaler.update(finite)
+            for batch in inputs.micro_batches:
+                cos, sin = model.rope(batch["position_ids"], batch["input_ids"].shape[1])
+                micro = self.steps.grad(Tensor(batch["input_ids"]), cos, sin, Tensor(batch["segment_ids"]),
+                                        Tensor(batch["labels"]), Tensor(batch["dropout_keys"]),
+                                        Tensor(batch["weight"] * inputs.loss_scale, ms.float32))
+                loss, grads = micro if grads is None else self.steps.accumulate(loss, grads, *micro)
+            loss, grads, norm = self.steps.finish(loss, grads, inv_scale)
+            if math.isfinite(float(norm)):
+                self.steps.update(grads, *scalars)
         if ms.get_context("device_target") != "CPU":  # CPU kernels run synchronously; elsewhere time the whole step
             ms.runtime.synchronize()
-        elapsed = time.perf_counter() - began
-        done = step + 1
+        return StepResult(float(loss), float(norm))
 
-        if rank == 0:
-            log.write(done, loss if math.isfinite(loss) else None, lr, norm if finite else None, tokens,
-                      plan.order.global_batch / elapsed, tokens / elapsed, world, seq_len, skipped=not finite)
-            if done % config.runner.log_every == 0 or done == plan.total_steps:
-                print(f"step {done}/{plan.total_steps} loss {loss:.4f} lr {lr:.3e} grad_norm {norm:.3f} "
-                      f"{tokens / elapsed:.0f} tokens/s {elapsed:.3f} s/step"
-                      + (f" skipped (overflow; loss scale now {scaler.scale:g})" if not finite else ""), flush=True)
-        if done % config.runner.save_steps == 0 or done == plan.total_steps:
-            saved = trainer_state(done, plan, updates, scaler, world, config)
-            if parallel.semi_auto:  # every rank saves its slices
-                save_shards(checkpoints, done, config.runner.keep_last, model, optimizer, saved, rank, strategy)
-            elif rank == 0:
-                save_checkpoint(checkpoints, done, config.runner.keep_last, model, optimizer, saved)
+    def save(self, folder: Path, rank: int) -> None:
+        if self.config.parallel.semi_auto:  # every rank saves its slices
+            save_shards(folder, self.model, self.optimizer, rank, self.strategy)
+        elif rank == 0:
+            save_pretrained(self.model, folder / "model")
+            moments = [{"name": p.name, "data": p} for p in (*self.optimizer.moments1, *self.optimizer.moments2)]
+            ms.save_checkpoint(moments, str(folder / "optimizer.ckpt"))
 
-    print(f"rank {rank}: final weights sha256 {weights_digest(model)}", flush=True)
-    if rank == 0:
-        log.close()
-        if parallel.semi_auto:
-            export_shards(read_latest(checkpoints), out / "final")
+    def export(self, checkpoint: Path, final: Path) -> None:
+        if (checkpoint / "model_shards").is_dir():
+            export_shards(checkpoint, final)
         else:
-            with atomic_output_dir(out / "final", force=True) as tmp:
-                save_pretrained(model, tmp / "mindspore")
-                convert_checkpoint(tmp / "mindspore", tmp / "hf", to="hf")
-        print(f"saved {out / 'final'} (mindspore/ and hf/)", flush=True)
+            shutil.copytree(checkpoint / "model", final / "mindspore")
+        convert_checkpoint(final / "mindspore", final / "hf", to="hf")
+
+    def barrier(self) -> None:
+        if self.world > 1:  # MindSpore's Barrier op has no CPU kernel; a one-element all-reduce waits for all as well
+            from mindspore.communication import GlobalComm
+            ops.AllReduce(group=GlobalComm.WORLD_COMM_GROUP)(Tensor(np.zeros(1, np.float32))).asnumpy()
+
+    def finish(self) -> None:
+        if self.model is not None:
+            print(f"rank {self.rank}: final weights sha256 {weights_digest(self.model)}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -527,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     add_run_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        train(run_config(args), args.resume)
+        train(run_config(args), MindSporeBackend(), args.resume, args.overwrite)
     except TeleChatError as error:
         print(f"mindspore_impl.train: error: {error}", file=sys.stderr)
         return 1

@@ -1,20 +1,19 @@
 """Supervised fine-tuning of TeleChat with PyTorch: one process, or torchrun with DDP or DeepSpeed ZeRO-1/2/3.
 
-    python -m pytorch_npu.train --device cpu --config configs/finetune_tiny.yaml
+    python -m pytorch_npu.train --device cpu --config configs/finetune_tiny.yaml [--resume | --overwrite]
     torchrun --nproc_per_node 8 -m pytorch_npu.train --device npu --config CONFIG.yaml [--deepspeed ds.json]
 
-The config, schedule, data order, weight-decay rule, loss scale and loss log are those of the MindSpore trainer
-(telechat_ascend/training.py), so one YAML gives the same run on either backend. One optimizer step:
+The loop, output folder, resume and loss log are the shared ones (telechat_ascend/trainer.py); this file is the
+PyTorch side: the process group, the model and optimizer, one optimizer step and its checkpoint files. One step:
   1. each rank runs its accumulation steps; micro-batch i's mean loss is weighted by n_i / N (its share of the
-     global batch's N target tokens, counted on the host from the labels every rank can read);
+     global batch's N target tokens, counted by the shared loop);
   2. DDP and DeepSpeed average gradients over ranks (and DeepSpeed over accumulation steps), so the backward loss is
      multiplied back by the world size (and the accumulation steps): the gradient is that of the token-weighted
      mean loss of the whole global batch, whatever the split into ranks and micro-batches;
   3. clipping to clip_grad on the global norm, AdamW (torch.optim.AdamW; decay on matrices only), the cosine
      learning rate of the step. fp16 (DDP) uses the shared dynamic loss scale and skips overflowing steps; with
-     DeepSpeed its own fp16 loss scaler does.
-Output (runner.output_dir): loss_log.jsonl, tensorboard/, checkpoints/step-NNNNNN/ (model/ as an HF folder,
-optimizer.pt or the DeepSpeed checkpoint, trainer_state.json), checkpoints/latest, and final/hf.
+     DeepSpeed its own fp16 loss scaler does, configured from the YAML's loss_scale section.
+Checkpoint files (checkpoints/step-NNNNNN/): model/ (an HF folder with the tokenizer), optimizer.pt or deepspeed/.
 """
 
 from __future__ import annotations
@@ -22,65 +21,26 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import shutil
-import time
+import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from pytorch_npu.configuration_telechat import TelechatConfig
 from pytorch_npu.device import dist_backend, resolve_device, resolve_dtype
 from pytorch_npu.modeling_telechat import TelechatForCausalLM
-from telechat_ascend.checkpoint import atomic_output_dir
+from pytorch_npu.pretrained import from_pretrained
 from telechat_ascend.config import TeleChatConfig
-from telechat_ascend.data import PackedDataset
 from telechat_ascend.errors import TeleChatError
-from telechat_ascend.throughput import PEAK_TFLOPS, flops_per_token
-from telechat_ascend.training import (LossLogWriter, LossScaler, Plan, TrainConfig, add_run_arguments,
-                                      checkpoint_name, decays, read_latest, run_config, target_count, write_latest)
+from telechat_ascend.trainer import StepInputs, StepResult, train
+from telechat_ascend.training import TrainConfig, add_run_arguments, decays, run_config
 
 ARRAYS = ("input_ids", "labels", "position_ids", "segment_ids")
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "generation_config.json")
-
-
-# ---- setup --------------------------------------------------------------------------------------------------------
-
-def setup(device_spec: str, config: TrainConfig) -> tuple[torch.device, int, int]:
-    """(device, rank, world). Under torchrun (WORLD_SIZE set) joins the process group: hccl, nccl or gloo."""
-    device = resolve_device(device_spec)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if config.parallel.semi_auto:
-        raise TeleChatError("parallel.model_parallel and optimizer_shard are MindSpore semi-auto parallel settings; "
-                            "the PyTorch trainer shards with DeepSpeed ZeRO (--deepspeed configs/deepspeed_zero3.json)")
-    if world != config.parallel.data_parallel:
-        raise TeleChatError(f"parallel.data_parallel is {config.parallel.data_parallel} but {world} process(es) run "
-                            f"(torchrun --nproc_per_node and parallel.data_parallel must agree)")
-    if world > 1:
-        dist.init_process_group(dist_backend(device))
-    return device, (dist.get_rank() if world > 1 else 0), world
-
-
-def open_dataset(config: TrainConfig) -> PackedDataset:
-    if config.train_dataset.data_dir is None:
-        raise TeleChatError("train_dataset.data_dir: the PyTorch trainer reads prepare-data shards (MindRecord input "
-                            "is for the MindSpore trainer)")
-    return PackedDataset(config.train_dataset.data_dir)
-
-
-def build_model(config: TrainConfig, source: Path | None, device: torch.device) -> TelechatForCausalLM:
-    """Parameters in fp32 (master weights); fp16/bf16 compute comes from autocast or DeepSpeed."""
-    if source is not None:
-        model = TelechatForCausalLM.from_pretrained(source, dtype=torch.float32)
-    else:
-        torch.manual_seed(config.runner.seed)  # every rank draws the same initial weights
-        model = TelechatForCausalLM(TelechatConfig(**TeleChatConfig.preset(config.model.preset).to_dict()))
-    if config.recompute:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model.to(device).train()
 
 
 def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
@@ -91,98 +51,133 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
                              eps=config.optimizer.eps)
 
 
-# ---- one optimizer step ------------------------------------------------------------------------------------------
+def deepspeed_settings(config: TrainConfig, global_batch: int, dtype: torch.dtype) -> dict:
+    """What the YAML decides in a DeepSpeed config: batch sizes, precision, clipping and the fp16 loss scale (the
+    JSON owns ZeRO: stage, offload, buckets). DeepSpeed grows and shrinks its scale by 2 only; its hysteresis 1 is
+    the shared scaler's rule (every overflow halves)."""
+    runner, scale = config.runner, config.loss_scale
+    fp16 = {"enabled": dtype == torch.float16}
+    if dtype == torch.float16:
+        if scale.factor != 2:
+            raise TeleChatError(f"loss_scale.factor {scale.factor}: DeepSpeed's fp16 loss scaler changes the scale by "
+                                f"a factor of 2 only; set loss_scale.factor to 2 or train without --deepspeed")
+        if scale.type == "dynamic":
+            power = math.log2(scale.value)
+            if power != int(power):
+                raise TeleChatError(f"loss_scale.value {scale.value:g}: DeepSpeed starts a dynamic scale at a power "
+                                    f"of 2 (initial_scale_power); choose e.g. 65536")
+            fp16.update(loss_scale=0, initial_scale_power=int(power), loss_scale_window=scale.window, hysteresis=1,
+                        min_loss_scale=1)
+        else:
+            fp16.update(loss_scale=scale.value)
+    return dict(train_micro_batch_size_per_gpu=runner.batch_size,
+                gradient_accumulation_steps=runner.gradient_accumulation_steps, train_batch_size=global_batch,
+                gradient_clipping=config.clip_grad or 0.0, bf16={"enabled": dtype == torch.bfloat16}, fp16=fp16,
+                steps_per_print=10 ** 9)
 
-def batch_arrays(dataset: PackedDataset, rows: list[int], device: torch.device) -> dict[str, torch.Tensor]:
-    return {name: torch.from_numpy(np.stack([dataset[i][name] for i in rows]).astype(np.int64)).to(device)
-            for name in ARRAYS}
 
+class TorchBackend:
+    """The PyTorch side of the shared training loop (telechat_ascend.trainer.TrainBackend)."""
+    name = "torch"
 
-def micro_loss(model, batch: dict[str, torch.Tensor], autocast) -> torch.Tensor:
-    with autocast:
-        return model(batch["input_ids"], attention_mask=batch["segment_ids"], position_ids=batch["position_ids"],
-                     labels=batch["labels"], use_cache=False).loss
-
-
-class Trainer:
-    def __init__(self, config: TrainConfig, device: torch.device, rank: int, world: int, deepspeed_config: Path | None,
-                 resume: bool):
-        self.config, self.device, self.rank, self.world = config, device, rank, world
-        self.dataset = open_dataset(config)
-        self.plan = Plan.make(config, len(self.dataset))
-        self.out = Path(config.runner.output_dir)
-        self.checkpoints = self.out / "checkpoints"
-        resume_from = read_latest(self.checkpoints) if resume else None
-        if resume and resume_from is None:
-            raise TeleChatError(f"--resume: no checkpoint in {self.checkpoints}")
-        self.state = json.loads((resume_from / "trainer_state.json").read_text()) if resume_from else {"step": 0}
-        dtype = resolve_dtype(device, config.model.dtype)
-        source = resume_from / "model" if resume_from else (Path(config.model.path) if config.model.path else None)
-        self.model_folder = Path(config.model.path) if config.model.path else None
-        model = build_model(config, source, device)
-        self.optimizer = build_optimizer(model, config)
-        self.scaler = LossScaler.from_config(config.loss_scale)
+    def __init__(self, device_spec: str, deepspeed_config: Path | None):
+        self.device_spec, self.deepspeed_config = device_spec, deepspeed_config
         self.deepspeed = deepspeed_config is not None
-        half = dtype != torch.float32
-        self.autocast = torch.autocast(device.type, dtype=dtype) if half and not self.deepspeed \
+        self.manages_loss_scale = False
+
+    def start(self, config: TrainConfig) -> tuple[int, int]:
+        if config.parallel.semi_auto:
+            raise TeleChatError("parallel.model_parallel and optimizer_shard are MindSpore semi-auto parallel "
+                                "settings; the PyTorch trainer shards with DeepSpeed ZeRO (--deepspeed "
+                                "configs/deepspeed_zero3.json)")
+        if config.context.mode is not None:
+            raise TeleChatError(f"context.mode {config.context.mode}: MindSpore's execution mode; the PyTorch trainer "
+                                f"runs eagerly (remove context.mode; GRAPH is MindSpore's default)")
+        if config.train_dataset.data_dir is None:
+            raise TeleChatError("train_dataset.mindrecord: the PyTorch trainer reads prepare-data shards "
+                                "(train_dataset.data_dir); MindRecord input is for the MindSpore trainer")
+        self.config = config
+        self.device = resolve_device(self.device_spec)
+        target = {"cpu": "CPU", "npu": "Ascend"}.get(self.device.type)
+        if config.context.device_target not in (None, target):
+            raise TeleChatError(f"context.device_target is {config.context.device_target}, but --device "
+                                f"{self.device_spec} runs on {self.device.type}; make them agree")
+        self.dtype = resolve_dtype(self.device, config.model.dtype)
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        if self.world != config.parallel.data_parallel:
+            raise TeleChatError(f"parallel.data_parallel is {config.parallel.data_parallel} but {self.world} "
+                                f"process(es) run (torchrun --nproc_per_node and parallel.data_parallel must agree)")
+        if self.world > 1:
+            dist.init_process_group(dist_backend(self.device))
+        self.rank = dist.get_rank() if self.world > 1 else 0
+        return self.rank, self.world
+
+    def open_dataset(self, config: TrainConfig, pad_id: int):
+        raise AssertionError("start() refuses MindRecord input")
+
+    def build(self, config: TrainConfig, model_source, checkpoint: Path | None) -> None:
+        """Parameters in fp32 (master weights); fp16/bf16 compute comes from autocast or DeepSpeed."""
+        source = Path(model_source) if not isinstance(model_source, str) or Path(model_source).is_dir() else None
+        if source is not None:
+            model = from_pretrained(source, torch.float32)
+        else:
+            torch.manual_seed(config.runner.seed)  # every rank draws the same initial weights
+            model = TelechatForCausalLM(TelechatConfig(**TeleChatConfig.preset(model_source).to_dict()))
+        self.source = source
+        if config.recompute:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = model.to(self.device).train()
+        self.optimizer = build_optimizer(model, config)
+        half = self.dtype != torch.float32
+        self.autocast = torch.autocast(self.device.type, dtype=self.dtype) if half and not self.deepspeed \
             else contextlib.nullcontext()
-        self.use_scaler = dtype == torch.float16 and not self.deepspeed
+        self.use_scaler = self.dtype == torch.float16 and not self.deepspeed
+        self.manages_loss_scale = self.dtype == torch.float16 and self.deepspeed
         if self.deepspeed:
-            self.engine = self._deepspeed(model, deepspeed_config, dtype)
+            self.engine = self._deepspeed(model, config)
             self.model = self.engine.module
-            if resume_from:
-                self.engine.load_checkpoint(str(resume_from / "deepspeed"), tag="state",
-                                            load_module_strict=True)
+            if checkpoint:
+                self.engine.load_checkpoint(str(checkpoint / "deepspeed"), tag="state", load_module_strict=True)
         else:
             self.model = model
-            self.engine = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-            if resume_from:
-                self.optimizer.load_state_dict(torch.load(resume_from / "optimizer.pt", weights_only=True))
-        if resume_from:
-            self.scaler = LossScaler(**self.state["loss_scale"])
-            torch.set_rng_state(torch.load(resume_from / "rng.pt", weights_only=True))
+            self.engine = torch.nn.parallel.DistributedDataParallel(model) if self.world > 1 else model
+            if checkpoint:
+                self.optimizer.load_state_dict(_load_state(checkpoint / "optimizer.pt"))
 
-    def _deepspeed(self, model, path: Path, dtype: torch.dtype):
+    def _deepspeed(self, model, config: TrainConfig):
         import deepspeed
+        path = self.deepspeed_config
         try:
             ds_config = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as error:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
             raise TeleChatError(f"--deepspeed {path}: {error}") from None
-        runner = self.config.runner
-        # The YAML owns batch sizes, precision and clipping; the JSON owns ZeRO (stage, offload, buckets).
-        ds_config.update(train_micro_batch_size_per_gpu=runner.batch_size,
-                         gradient_accumulation_steps=runner.gradient_accumulation_steps,
-                         train_batch_size=self.plan.order.global_batch, gradient_clipping=self.config.clip_grad or 0.0,
-                         bf16={"enabled": dtype == torch.bfloat16},
-                         fp16={"enabled": dtype == torch.float16, "initial_scale_power": 16,
-                               "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
-                         steps_per_print=10 ** 9)
+        if not isinstance(ds_config, dict):
+            raise TeleChatError(f"--deepspeed {path}: expected a JSON object")
+        order = config.runner.batch_size * self.world * config.runner.gradient_accumulation_steps
+        ds_config.update(deepspeed_settings(config, order, self.dtype))
         ds_config.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
         engine, *_ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=ds_config)
         self.optimizer = engine.optimizer
         return engine
 
-    def step(self, step: int) -> dict:
-        """One optimizer step (0-based); returns what the loss log records."""
-        order, lr = self.plan.order, self.plan.lr(step)
+    def step(self, inputs: StepInputs) -> StepResult:
+        torch.manual_seed(inputs.seed)  # dropout: a function of (seed, step, rank), so a resumed run draws the same
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        global_rows = order.global_rows(step).tolist()
-        labels = np.stack([self.dataset[i]["labels"] for i in global_rows])
-        targets = max(target_count(labels), 1)
-        tokens = int(sum((self.dataset[i]["segment_ids"] != 0).sum() for i in global_rows))
-        micro_batches = order.micro_batches(step, self.rank)
+            group["lr"] = inputs.lr
+        grad_accum = len(inputs.micro_batches)
         # Undo the averaging the frameworks do, so the gradient is that of the global token-weighted mean.
-        factor = self.world * (order.grad_accum if self.deepspeed else 1)
-        scale = self.scaler.scale if self.use_scaler else 1.0
+        factor = self.world * (grad_accum if self.deepspeed else 1)
+        scale = inputs.loss_scale if self.use_scaler else 1.0
         total = torch.zeros((), device=self.device)
-        for index, rows in enumerate(micro_batches):
-            batch = batch_arrays(self.dataset, rows, self.device)
-            weight = target_count(batch["labels"].cpu().numpy()) / targets
-            last = index == len(micro_batches) - 1
+        for index, micro in enumerate(inputs.micro_batches):
+            batch = {name: torch.from_numpy(micro[name].astype("int64")).to(self.device) for name in ARRAYS}
+            last = index == grad_accum - 1
             sync = contextlib.nullcontext() if last or self.deepspeed or self.world == 1 else self.engine.no_sync()
             with sync:
-                loss = micro_loss(self.engine, batch, self.autocast) * weight
+                with self.autocast:
+                    loss = self.engine(batch["input_ids"], attention_mask=batch["segment_ids"],
+                                       position_ids=batch["position_ids"], labels=batch["labels"],
+                                       use_cache=False).loss * micro["weight"]
                 if self.deepspeed:
                     self.engine.backward(loss * factor)
                 else:
@@ -193,98 +188,62 @@ class Trainer:
         if self.deepspeed:
             self.engine.step()
             norm = self.engine.get_global_grad_norm()
-            skipped = bool(getattr(self.optimizer, "overflow", False))
+            norm = float("inf") if getattr(self.optimizer, "overflow", False) or norm is None else float(norm)
         else:
-            norm, skipped = self._clip_and_update(scale)
-        return dict(loss=None if skipped else total.item(), lr=lr, grad_norm=None if skipped else float(norm),
-                    tokens=tokens, skipped=skipped, rows=len(global_rows))
+            norm = self._clip_and_update(scale)
+        return StepResult(total.item(), norm)
 
-    def _clip_and_update(self, scale: float) -> tuple[float, bool]:
+    def _clip_and_update(self, scale: float) -> float:
         params = [p for p in self.model.parameters() if p.grad is not None]
         if scale != 1.0:
             for p in params:
                 p.grad.div_(scale)
         clip = self.config.clip_grad if self.config.clip_grad is not None else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(params, clip)  # global: DDP already all-reduced the gradients
-        finite = bool(torch.isfinite(norm))
-        if self.use_scaler:
-            self.scaler.update(finite)
-        if finite:
+        norm = float(torch.nn.utils.clip_grad_norm_(params, clip))  # global: DDP already all-reduced the gradients
+        if math.isfinite(norm):
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm), not finite
+        return norm
 
-    def save(self, step: int) -> None:
-        """A checkpoint folder, written atomically; `latest` moves to it only when it is complete."""
+    def save(self, folder: Path, rank: int) -> None:
         state_dict = None
         if self.deepspeed:  # every rank writes its ZeRO shards (and, under ZeRO-3, gathers the weights for rank 0)
-            staging = self.checkpoints / f".staging-{checkpoint_name(step)}"
-            self.engine.save_checkpoint(str(staging / "deepspeed"), tag="state")
+            self.engine.save_checkpoint(str(folder / "deepspeed"), tag="state")
             if self.engine.zero_optimization_stage() == 3:
                 state_dict = self.engine._zero3_consolidated_16bit_state_dict()
-        if self.rank == 0:
-            with atomic_output_dir(self.checkpoints / checkpoint_name(step), force=True) as folder:
+        if rank == 0:
+            try:
                 self.model.save_pretrained(folder / "model", state_dict=state_dict)
-                if self.model_folder is not None:
+                if self.source is not None:
                     for name in TOKENIZER_FILES:
-                        if (self.model_folder / name).is_file():
-                            shutil.copy2(self.model_folder / name, folder / "model" / name)
-                if self.deepspeed:
-                    (staging / "deepspeed").rename(folder / "deepspeed")
-                    staging.rmdir()
-                else:
+                        if (self.source / name).is_file():
+                            shutil.copy2(self.source / name, folder / "model" / name)
+                if not self.deepspeed:
                     torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
-                torch.save(torch.get_rng_state(), folder / "rng.pt")
-                state = {"step": step, "loss_scale": self.scaler.__dict__}
-                (folder / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
-            write_latest(self.checkpoints, checkpoint_name(step), self.config.runner.keep_last)
+            except RuntimeError as error:  # torch.save reports a full disk as "basic_ios::clear: iostream error"
+                raise OSError(f"{type(error).__name__}: {error}") from None
+
+    def export(self, checkpoint: Path, final: Path) -> None:
+        (final / "hf").mkdir()
+        for path in (checkpoint / "model").iterdir():
+            os.link(path, final / "hf" / path.name)
+
+    def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
 
+    def finish(self) -> None:
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
 
-def train(config: TrainConfig, device_spec: str, deepspeed_config: Path | None = None, resume: bool = False) -> None:
-    device, rank, world = setup(device_spec, config)
-    trainer = Trainer(config, device, rank, world, deepspeed_config, resume)
-    plan, runner, start = trainer.plan, config.runner, trainer.state["step"]
-    seq_len = trainer.dataset.manifest["seq_len"]
-    log = tensorboard = None
-    if rank == 0:
-        trainer.out.mkdir(parents=True, exist_ok=True)
-        log = LossLogWriter(trainer.out / "loss_log.jsonl", resume_step=start if resume else None)
-        from torch.utils.tensorboard import SummaryWriter
-        tensorboard = SummaryWriter(str(trainer.out / "tensorboard"))
-    peak = PEAK_TFLOPS.get({"npu": "910b", "cuda": "a100"}.get(device.type, ""))
-    per_token = flops_per_token(trainer.model.config.telechat, seq_len)
-    progress = tqdm(range(start, plan.total_steps), initial=start, total=plan.total_steps, disable=rank != 0,
-                    unit="step", desc="train (torch)")
-    for step in progress:
-        began = time.perf_counter()
-        result = trainer.step(step)
-        seconds = time.perf_counter() - began
-        if rank == 0:
-            record = log.write(step + 1, result["loss"], result["lr"], result["grad_norm"], result["tokens"],
-                               result["rows"] / seconds, result["tokens"] / seconds, world, seq_len,
-                               skipped=result["skipped"])
-            if result["loss"] is not None:
-                tensorboard.add_scalar("train/loss", result["loss"], step + 1)
-            tensorboard.add_scalar("train/lr", result["lr"], step + 1)
-            tensorboard.add_scalar("train/tokens_per_s", record["tokens_per_s"], step + 1)
-            mfu = f", MFU {record['tokens_per_s'] / world * per_token / (peak * 1e12):.1%}" if peak else ""
-            progress.set_postfix_str(f"loss {result['loss'] if result['loss'] is None else round(result['loss'], 4)}"
-                                     f", {record['tokens_per_s'] / world:.0f} tok/s/dev{mfu}")
-        if runner.save_steps and (step + 1) % runner.save_steps == 0 and step + 1 < plan.total_steps:
-            trainer.save(step + 1)
-    trainer.save(plan.total_steps)
-    if rank == 0:
-        log.close()
-        tensorboard.close()
-        final = trainer.out / "final" / "hf"
-        with atomic_output_dir(final, force=True) as folder:
-            for path in (read_latest(trainer.checkpoints) / "model").iterdir():
-                os.link(path, folder / path.name)
-        print(f"trained {plan.total_steps} steps; final HF model in {final}")
-    if world > 1:
-        dist.destroy_process_group()
+
+def _load_state(path: Path) -> dict:
+    try:
+        return torch.load(path, weights_only=True)
+    except FileNotFoundError:
+        raise TeleChatError(f"{path}: missing; the checkpoint is incomplete") from None
+    except Exception as error:  # torch raises RuntimeError, UnpicklingError, EOFError ... for a damaged file
+        raise TeleChatError(f"{path}: unreadable ({type(error).__name__}: {error})") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -295,9 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deepspeed", type=Path, help="a DeepSpeed JSON config (ZeRO stage, offload)")
     args = parser.parse_args(argv)
     try:
-        train(run_config(args), args.device, args.deepspeed, args.resume)
+        train(run_config(args), TorchBackend(args.device, args.deepspeed), args.resume, args.overwrite)
     except TeleChatError as error:
-        print(f"pytorch_npu.train: error: {error}", flush=True)
+        print(f"pytorch_npu.train: error: {error}", file=sys.stderr, flush=True)
         return 1
     return 0
 

@@ -325,13 +325,44 @@ def atomic_output_dir(dst: str | Path, force: bool = False) -> Iterator[Path]:
     if dst.exists() and not force:
         raise TeleChatError(f"{dst} already exists; pass --force to overwrite it")
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    remove_stale_partials(dst.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-{os.getpid()}-", dir=dst.parent))
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     publish_dir(tmp, dst)
+
+
+_PARTIAL = re.compile(r"\..+\.(?:partial|replaced)-(\d+)(?:-.*)?")
+
+
+def remove_stale_partials(folder: Path, everything: bool = False) -> list[Path]:
+    """Deletes the hidden `.NAME.partial-PID-*` / `.NAME.replaced-PID` folders in `folder` that a killed writer left
+    behind: those whose process no longer runs on this host, or all of them (`everything`, for a caller that holds
+    the folder's lock, such as a trainer; its own `.NAME.partial` staging folders carry no pid)."""
+    removed = []
+    for path in folder.iterdir() if folder.is_dir() else ():
+        match = _PARTIAL.fullmatch(path.name)
+        staging = path.name.startswith(".") and path.name.endswith(".partial")
+        if not (match or (everything and staging)):
+            continue
+        if not everything and match and _process_alive(int(match[1])):
+            continue
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def publish_dir(tmp: Path, dst: Path) -> None:

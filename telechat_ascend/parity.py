@@ -145,14 +145,14 @@ def run_backends(model: str | Path, data: str | Path, steps: int, out: str | Pat
     logs = []
     for backend in backends:
         config = {"model": {"path": str(model), "dtype": "fp32"}, "train_dataset": {"data_dir": str(data)},
-                  "context": {"mode": "GRAPH", "device_target": "CPU"},
+                  "context": {"device_target": "CPU"},
                   "optimizer": {"lr": lr}, "lr_schedule": {"warmup_ratio": 0.1},
                   "runner": {"max_steps": steps, "batch_size": 2, "seed": 42, "save_steps": steps,
                              "output_dir": str(out / backend), "keep_last": 1}}
         out.mkdir(parents=True, exist_ok=True)
         path = out / f"{backend}.yaml"
         path.write_text(yaml.safe_dump(config), encoding="utf-8")
-        done = subprocess.run([sys.executable, *TRAINERS[backend], "--config", str(path)], capture_output=True,
+        done = subprocess.run([sys.executable, *TRAINERS[backend], "--config", str(path), "--overwrite"], capture_output=True,
                               text=True)
         if done.returncode:
             raise TeleChatError(f"the {backend} trainer failed (config {path}):\n{done.stdout[-2000:]}"

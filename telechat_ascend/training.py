@@ -6,7 +6,8 @@ Config (YAML, MindFormers-like sections; every key optional, an unknown key is a
     model:         preset: tiny | 7B | ...  or  path: an HF or MindSpore model folder to start from
                    dtype: fp32 | fp16 | bf16   compute dtype; parameters stay fp32 (master weights)
     train_dataset: data_dir: a prepare-data shard folder  or  mindrecord: a MindFormers .mindrecord file
-    context:       mode: GRAPH | PYNATIVE;  device_target: CPU | Ascend (default: the framework's)   [MindSpore]
+    context:       mode: GRAPH (default) | PYNATIVE;  device_target: CPU | Ascend (default: the framework's)
+                   [MindSpore only: the PyTorch trainer refuses them and takes --device]
     parallel:      data_parallel;  model_parallel (tensor parallel);  optimizer_shard: false | true;
                    pipeline_stage: 1 (pipeline parallelism is not implemented). Workers = data_parallel x
                    model_parallel. model_parallel > 1 or optimizer_shard is MindSpore semi-auto parallel: Ascend
@@ -17,7 +18,6 @@ Config (YAML, MindFormers-like sections; every key optional, an unknown key is a
                    seed;  log_every (console lines; the loss log gets every step);  save_steps;  output_dir;
                    keep_last (step checkpoints kept, 0 = all)
     recompute:     false | true  (recompute each decoder layer's activations in the backward pass)
-    amp_level:     O0 (fp32 compute) | O2 (fp16/bf16 compute, fp32 master weights)
     loss_scale:    type: dynamic | static;  value;  factor;  window.  Default: dynamic 65536 / 2 / 1000 for fp16,
                    static 1 otherwise
     clip_grad:     1.0  (max global gradient norm; null disables clipping)
@@ -78,6 +78,7 @@ class ModelConfig:
     def validate(self) -> None:
         if (self.preset is None) == (self.path is None):
             raise TeleChatError("model: give exactly one of 'preset' (a new model) or 'path' (a folder to start from)")
+
         if self.preset is not None and self.preset not in PRESETS:
             raise TeleChatError(f"model.preset: unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
         _check_choice("model.dtype", self.dtype, ("fp32", "fp16", "bf16"))
@@ -95,11 +96,16 @@ class DatasetConfig:
 
 @dataclass
 class ContextConfig:
-    mode: str = "GRAPH"
+    mode: str | None = None  # None: GRAPH
     device_target: str | None = None
 
+    @property
+    def graph(self) -> bool:
+        return self.mode in (None, "GRAPH")
+
     def validate(self) -> None:
-        _check_choice("context.mode", self.mode, ("GRAPH", "PYNATIVE"))
+        if self.mode is not None:
+            _check_choice("context.mode", self.mode, ("GRAPH", "PYNATIVE"))
         if self.device_target is not None:
             _check_choice("context.device_target", self.device_target, ("CPU", "Ascend"))
 
@@ -219,7 +225,6 @@ class TrainConfig:
     lr_schedule: LRScheduleConfig = field(default_factory=LRScheduleConfig)
     runner: RunnerConfig = field(default_factory=RunnerConfig)
     recompute: bool = False
-    amp_level: str = "O0"
     loss_scale: LossScaleConfig = field(default_factory=LossScaleConfig)
     clip_grad: float | None = 1.0
 
@@ -228,14 +233,10 @@ class TrainConfig:
         for section in (self.model, self.train_dataset, self.context, self.parallel, self.optimizer,
                         self.lr_schedule, self.runner, self.loss_scale):
             section.validate()
-        _check_choice("amp_level", self.amp_level, ("O0", "O2"))
-        if (self.amp_level == "O0") != (self.model.dtype == "fp32"):
-            raise TeleChatError(f"amp_level {self.amp_level} does not fit model.dtype {self.model.dtype}: O0 computes "
-                                f"in fp32, O2 in fp16 or bf16 (with fp32 master weights)")
         if self.clip_grad is not None:
             _check_positive("clip_grad", self.clip_grad)
         if self.parallel.semi_auto:
-            if self.context.mode != "GRAPH":
+            if not self.context.graph:
                 raise TeleChatError("parallel.model_parallel > 1 / optimizer_shard (semi-auto parallel) needs "
                                     "context.mode GRAPH")
             if self.runner.gradient_accumulation_steps != 1:
@@ -253,7 +254,9 @@ class TrainConfig:
 def add_run_arguments(parser) -> None:
     """The command-line options both trainers take."""
     parser.add_argument("--config", required=True, type=Path, help="training YAML (see telechat_ascend/training.py)")
-    parser.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoints/latest")
+    runs = parser.add_mutually_exclusive_group()
+    runs.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoints/latest")
+    runs.add_argument("--overwrite", action="store_true", help="delete the run already in output_dir and start over")
     parser.add_argument("--output-dir", help="overrides runner.output_dir")
     parser.add_argument("--max-steps", type=int, help="overrides runner.max_steps")
 
@@ -320,14 +323,17 @@ def _convert(value: Any, kind, name: str) -> Any:
             raise TeleChatError(f"{name} must be a list, got {value!r}")
         return [_convert(v, typing.get_args(kind)[0], f"{name}[{i}]") for i, v in enumerate(value)]
     if kind is float:
+        number = None
         if isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise TeleChatError(f"{name} must be a number, got {value!r}")
+            number = float(value)
+        if number is None or not math.isfinite(number):
+            raise TeleChatError(f"{name} must be a finite number, got {value!r}")
+        return number
     if kind is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if kind in (bool, str) and isinstance(value, kind):

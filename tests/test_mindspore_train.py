@@ -126,7 +126,11 @@ def test_reference_run_logs_checkpoints_and_final_model(reference):
     assert (checkpoints / "latest").read_text() == "step-000006\n"
     state = json.loads((checkpoints / "step-000003" / "trainer_state.json").read_text())
     assert (state["step"], state["epoch"], state["batch_in_epoch"], state["optimizer_updates"]) == (3, 0, 3, 3)
-    assert state["data"] == {"rows": 145, "global_batch": 4, "seed": 42}
+    settings = state["settings"]
+    assert (settings["backend"], settings["rows"], settings["global_batch"], settings["seed"]) == \
+        ("mindspore", 145, 4, 42)
+    assert settings["data_fingerprint"] == json.loads((reference.parent / "data" / "manifest.json").read_text())[
+        "content_sha256"]
     moments = ms.load_checkpoint(str(checkpoints / "step-000003" / "optimizer.ckpt"))
     names = [name for name, _ in from_pretrained(checkpoints / "step-000003" / "model").parameters_and_names()]
     assert sorted(moments) == sorted([f"adam_m.{n}" for n in names] + [f"adam_v.{n}" for n in names])
@@ -194,7 +198,7 @@ def test_two_workers_under_msrun_match_one_worker(work, reference):
 
 def test_fp16_overflow_steps_are_skipped_and_the_scale_drops(work):
     """Scale 2^40 overflows fp16 at once; factor 2^20 brings it to 2^20 (still too large here), then to 1."""
-    out = train(work, "fp16", "--max-steps", "3", model={"dtype": "fp16"}, amp_level="O2",
+    out = train(work, "fp16", "--max-steps", "3", model={"dtype": "fp16"},
                 loss_scale={"type": "dynamic", "value": 2 ** 40, "factor": 2 ** 20}, runner={"save_steps": 1})
     records = read_loss_log(out / "loss_log.jsonl")
     assert [r.get("skipped", False) for r in records] == [True, True, False]
@@ -215,7 +219,7 @@ def test_fp16_overflow_steps_are_skipped_and_the_scale_drops(work):
 @pytest.mark.parametrize("sections, extra, message", [
     ({"parallel": {"data_parallel": 2}}, [],
      "parallel.data_parallel x model_parallel is 2 but 1 worker(s) are running"),
-    ({"model": {"dtype": "bf16"}, "amp_level": "O2"}, [], "model.dtype bf16: MindSpore has no bf16 CPU kernels"),
+    ({"model": {"dtype": "bf16"}}, [], "model.dtype bf16: MindSpore has no bf16 CPU kernels"),
     ({"runner": {"batch_size": 200}}, [], "the dataset has 145 rows, fewer than one global batch of 200"),
     ({}, ["--resume"], "--resume: no checkpoint in"),
     ({"model": {"path": "/nonexistent/model"}}, [], "/nonexistent/model"),
@@ -229,10 +233,10 @@ def test_bad_setups_fail_with_a_clear_message(work, capsys, sections, extra, mes
 def test_existing_run_needs_resume_and_the_same_data_order(work, reference, capsys):
     config = write_config(work, "reference")
     assert main(["--config", str(config)]) == 1
-    assert "already holds checkpoints; pass --resume" in capsys.readouterr().err
+    assert "already holds a training run" in capsys.readouterr().err
     config = write_config(work, "reference", runner={"batch_size": 2})
     assert main(["--config", str(config), "--resume"]) == 1
-    assert "trained with data global_batch 4, this run has 2" in capsys.readouterr().err
+    assert "written with global_batch 4, this run has 2" in capsys.readouterr().err
 
 
 # ---- MindRecord input ---------------------------------------------------------------------------------------------
@@ -261,8 +265,9 @@ import numpy as np, mindspore as ms
 from mindspore import Tensor
 ms.set_context(mode=ms.GRAPH_MODE)
 from mindspore_impl import from_pretrained
-from mindspore_impl.train import AdamW, ShardedStep, StepFunctions, adamw_scalars, stack_rows
+from mindspore_impl.train import AdamW, ShardedStep, StepFunctions, adamw_scalars
 from telechat_ascend.data import PackedDataset
+from telechat_ascend.trainer import stack_rows
 dataset = PackedDataset(r"{work / 'data'}")
 batch = stack_rows(dataset, [0, 1, 2, 3])
 results = {{}}
