@@ -52,9 +52,16 @@ def launch(config, world=1, *extra, background=False):
         command += ["-m", "pytorch_npu.train"]
     command += ["--device", "cpu", "--config", str(config), *extra]
     if background:
-        return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)  # so that kill_all reaches torchrun's workers too
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def kill_all(process):
+    """kill -9 of the launcher and every worker it started."""
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
 
 
 def losses(folder):
@@ -125,8 +132,7 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(workspace, single):
     deadline = time.time() + 600
     while not latest.exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.2)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    kill_all(process)
     launch(config, 1, "--resume")
     assert losses(workspace / "killed") == pytest.approx(losses(single), abs=1e-6)
     assert_same_run(single, workspace / "killed", 1e-6)
@@ -163,3 +169,31 @@ def test_mindspore_sharding_settings_are_refused_with_the_deepspeed_alternative(
     path.write_text(yaml.safe_dump(config))
     assert main(["--device", "cpu", "--config", str(path)]) == 1
     assert "the PyTorch trainer shards with DeepSpeed ZeRO" in capsys.readouterr().err
+
+
+def test_two_process_run_with_dropout_resumes_exactly(workspace, tmp_path):
+    """Every rank's dropout stream is re-seeded from (seed, step, rank): a killed 2-process DDP run with dropout 0.1
+    resumes to its uninterrupted twin's losses and weights (only rank 0's RNG used to be saved, and loaded by all)."""
+    import shutil
+    dropout = tmp_path / "dropout"
+    shutil.copytree(workspace / "init", dropout)
+    values = json.loads((dropout / "config.json").read_text())
+    (dropout / "config.json").write_text(json.dumps({**values, "hidden_dropout": 0.1, "attention_dropout": 0.1}))
+    runs = {}
+    for name in ("whole", "killed"):
+        path = write_config(tmp_path, name, 2, 2, save_steps=2, max_steps=12)
+        config = yaml.safe_load(path.read_text())
+        config["model"]["path"], config["train_dataset"]["data_dir"] = str(dropout), str(workspace / "data")
+        path.write_text(yaml.safe_dump(config))
+        runs[name] = path
+    launch(runs["whole"], 2)
+    process = launch(runs["killed"], 2, background=True)
+    latest = tmp_path / "killed" / "checkpoints" / "latest"
+    deadline = time.time() + 600
+    while not latest.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    kill_all(process)
+    launch(runs["killed"], 2, "--resume")
+    assert losses(tmp_path / "killed") == losses(tmp_path / "whole")
+    whole, killed = (load_file(tmp_path / n / "final" / "hf" / "model.safetensors") for n in ("whole", "killed"))
+    assert set(whole) == set(killed) and all((whole[k] == killed[k]).all() for k in whole)
