@@ -8,17 +8,17 @@ from pathlib import Path
 import torch
 
 from pytorch_npu.device import resolve_device, resolve_dtype
-from pytorch_npu.modeling_telechat import TelechatForCausalLM
+from pytorch_npu.pretrained import from_pretrained
 from telechat_ascend.config import TeleChatConfig
 from telechat_ascend.tokenizer import TeleChatTokenizer
 
 
 def load_model(folder: str | Path, device: str = "cpu", dtype: str | None = None):
     """(model, tokenizer) on the resolved device, in the dtype the chip allows (see device.resolve_dtype)."""
-    TeleChatConfig.from_file(folder)  # a clear error for a folder that is not TeleChat, before transformers runs
+    TeleChatConfig.from_file(folder)  # a clear error for a folder that is not TeleChat, before anything else
     tokenizer = TeleChatTokenizer.from_pretrained(folder)
     target = resolve_device(device)
-    model = TelechatForCausalLM.from_pretrained(folder, dtype=resolve_dtype(target, dtype)).to(target).eval()
+    model = from_pretrained(folder, resolve_dtype(target, dtype)).to(target).eval()
     return model, tokenizer
 
 

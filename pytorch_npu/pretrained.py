@@ -12,10 +12,11 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from pytorch_npu.modeling_telechat import TelechatForCausalLM
+from pytorch_npu.quant import Int8Linear
 from telechat_ascend.checkpoint import find_weights
 from telechat_ascend.config import TeleChatConfig
 from telechat_ascend.errors import TeleChatError
-from telechat_ascend.weights import LM_HEAD, _some
+from telechat_ascend.weights import LM_HEAD, some_names
 
 
 def from_pretrained(folder: str | Path, dtype: torch.dtype | str = torch.float32) -> TelechatForCausalLM:
@@ -33,14 +34,17 @@ def from_pretrained(folder: str | Path, dtype: torch.dtype | str = torch.float32
         if "size mismatch" not in str(error):
             raise
         lines = [line.strip() for line in str(error).splitlines() if "size mismatch" in line]
-        raise TeleChatError(f"{folder}: tensor(s) of the wrong shape for config.json: {_some(lines, 3)}") from None
+        raise TeleChatError(f"{folder}: tensor(s) of the wrong shape for config.json: {some_names(lines, 3)}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
     problems = []
     if info["missing_keys"]:
-        problems.append(f"missing tensor(s): {_some(sorted(info['missing_keys']))}")
+        problems.append(f"missing tensor(s): {some_names(sorted(info['missing_keys']))}")
     if info["unexpected_keys"]:
-        problems.append(f"unexpected tensor(s): {_some(sorted(info['unexpected_keys']))}")
+        problems.append(f"unexpected tensor(s): {some_names(sorted(info['unexpected_keys']))}")
     if problems:
         raise TeleChatError(f"{folder}: {'; '.join(problems)}")
+    for name, module in model.named_modules():
+        if isinstance(module, Int8Linear):
+            module.check_state(name, folder)
     return model

@@ -166,6 +166,25 @@ class Int8Linear(nn.Module):
             module.bias = linear.bias.detach().clone()
         return module.to(linear.weight.device)
 
+    def check_state(self, name: str, source) -> None:
+        """The loaded state as the format defines it (module docstring): int8 weights, positive finite fp16 weight
+        scales and fp32 activation scale. A NaN, zero or negative scale would run and give garbage."""
+        expected = {"weight": torch.int8, "weight_scale": torch.float16, "input_scale": torch.float32}
+        for buffer, dtype in expected.items():
+            tensor = getattr(self, buffer)
+            if tensor is None:
+                continue
+            where = f"{source}: tensor {name}.{buffer}"
+            if tensor.dtype != dtype:
+                raise TeleChatError(f"{where} is {str(tensor.dtype).removeprefix('torch.')}, the int8 format stores "
+                                    f"{str(dtype).removeprefix('torch.')}")
+            if buffer != "weight":
+                bad = ~(torch.isfinite(tensor.float()) & (tensor.float() > 0))
+                if bad.any():
+                    value = tensor.float().flatten()[bad.flatten().nonzero()[0]].item()
+                    raise TeleChatError(f"{where} holds {int(bad.sum())} value(s) that are not positive finite "
+                                        f"numbers (e.g. {value}); the folder is damaged: quantize again")
+
     def extra_repr(self) -> str:
         groups = f", group_size={self.group_size}" if self.group_size else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, method={self.method}{groups}"

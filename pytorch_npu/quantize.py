@@ -34,6 +34,7 @@ from telechat_ascend.tokenizer import TeleChatTokenizer
 
 from .device import resolve_device, resolve_dtype
 from .modeling_telechat import TelechatForCausalLM
+from .pretrained import from_pretrained
 from .quant import (METHODS, QMAX, Int8Linear, check_chip_groups, check_quantization, quantizable_linears, set_chip,
                     set_module, weight_bytes)
 
@@ -208,7 +209,7 @@ def load_float_model(folder: str | Path):
     if "quantization" in config.extra:
         raise TeleChatError(f"{folder} is already quantized ({config.extra['quantization'].get('method')}); "
                             "quantize the float model")
-    model = TelechatForCausalLM.from_pretrained(folder, dtype="auto").eval()
+    model = from_pretrained(folder, "auto").eval()
     dtype = model.dtype
     return model.float(), dtype
 
@@ -274,9 +275,8 @@ def compare(float_model, int8_model, ids: list[int], seq_len: int = 256) -> dict
 
 def load_for_eval(folder: str | Path, device: str = "cpu", dtype: str | None = None, soc: str | None = None):
     """A float or int8 TeleChat folder ready for evaluation under a chip's dtype policy (`soc`, e.g. "310p": fp16)."""
-    TeleChatConfig.from_file(folder)
     target = resolve_device(device)
-    model = TelechatForCausalLM.from_pretrained(folder, dtype=resolve_dtype(target, dtype, chip=soc))
+    model = from_pretrained(folder, resolve_dtype(target, dtype, chip=soc))
     set_chip(model, soc)
     return model.to(target).eval()
 

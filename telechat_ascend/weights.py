@@ -86,9 +86,9 @@ def check_names(found: list[str], expected: list[str], source: str, hint: str = 
     if missing or unexpected:
         parts = []
         if missing:
-            parts.append(f"missing tensor(s): {_some(missing)}")
+            parts.append(f"missing tensor(s): {some_names(missing)}")
         if unexpected:
-            parts.append(f"unexpected tensor(s): {_some(unexpected)}")
+            parts.append(f"unexpected tensor(s): {some_names(unexpected)}")
         raise TeleChatError(f"{source}: {'; '.join(parts)}{hint}")
 
 
@@ -97,6 +97,6 @@ def check_shape(name: str, shape: tuple[int, ...], expected: tuple[int, ...], so
         raise TeleChatError(f"{source}: tensor {name} has shape {list(shape)} but config.json implies {list(expected)}")
 
 
-def _some(names: list[str], limit: int = 5) -> str:
+def some_names(names: list[str], limit: int = 5) -> str:
     shown = ", ".join(names[:limit])
     return shown if len(names) <= limit else f"{shown} and {len(names) - limit} more"
