@@ -11,7 +11,7 @@ import numpy as np
 from mindspore import Tensor
 
 from mindspore_impl.model import TelechatForCausalLM, default_position_ids
-from telechat_ascend.chat import IncrementalDecoder, chat_prompt, extend_history
+from telechat_ascend.chat import GENERATION_DEFAULTS, IncrementalDecoder, chat_prompt, check_generation, extend_history
 from telechat_ascend.errors import TeleChatError
 from telechat_ascend.tokenizer import TeleChatTokenizer
 
@@ -85,11 +85,11 @@ def chat(model: TelechatForCausalLM, tokenizer: TeleChatTokenizer, question: str
     """(answer, history) as the published chat(); stream=True yields (text so far, history) pairs. Settings come
     from generation_config (the model folder's generation_config.json), overridden by keyword arguments."""
     history = list(history or [])
-    settings = {"max_length": 8192, "do_sample": False, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
-                "repetition_penalty": 1.0, **(generation_config or {}), **sampling}
+    settings = check_generation({**GENERATION_DEFAULTS, **(generation_config or {}), **sampling,
+                                 "max_new_tokens": max_new_tokens})
     prompt = chat_prompt(tokenizer, question, history, model.config.seq_length, settings["max_length"],
                          max_new_tokens)
-    budget = max_new_tokens or max(settings["max_length"] - len(prompt), 1)
+    budget = max_new_tokens if max_new_tokens is not None else max(settings["max_length"] - len(prompt), 1)
     steps = generate(model, [prompt], budget, tokenizer.eos_id, tokenizer.pad_id, settings["do_sample"],
                      settings["temperature"], settings["top_k"], settings["top_p"], settings["repetition_penalty"])
     decoder = IncrementalDecoder(tokenizer, {tokenizer.eos_id, tokenizer.pad_id})

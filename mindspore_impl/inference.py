@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 
 import mindspore as ms
 
 from mindspore_impl.generate import chat, generate
 from mindspore_impl.pretrained import from_pretrained
+from telechat_ascend.chat import GENERATION_DEFAULTS, check_generation
+from telechat_ascend.chat import chat_session as shared_chat_session
 from telechat_ascend.errors import TeleChatError
+from telechat_ascend.files import read_json_object
 from telechat_ascend.tokenizer import TeleChatTokenizer
 
 # --device as the PyTorch backend spells it -> MindSpore device target.
@@ -40,33 +41,24 @@ def load_model(folder: str | Path, device: str = "cpu", dtype: str | None = None
 
 
 def _generation_settings(model, overrides: dict) -> dict:
-    path = model.source_folder / "generation_config.json"
-    settings = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    return {**settings, **overrides}
+    settings = read_json_object(model.source_folder / "generation_config.json", missing_ok=True)
+    return check_generation({**GENERATION_DEFAULTS, **settings, **overrides})
 
 
 def generate_text(model, tokenizer: TeleChatTokenizer, prompt: str, max_new_tokens: int | None = None,
                   **overrides) -> str:
-    settings = _generation_settings(model, overrides)
-    budget = max_new_tokens or max(settings.get("max_length", 8192) - len(tokenizer.encode(prompt)), 1)
-    steps = generate(model, [tokenizer.encode(prompt)], budget, tokenizer.eos_id, tokenizer.pad_id,
-                     settings.get("do_sample", False), settings.get("temperature", 1.0), settings.get("top_k", 0),
-                     settings.get("top_p", 1.0), settings.get("repetition_penalty", 1.0))
+    settings = _generation_settings(model, {**overrides, "max_new_tokens": max_new_tokens})
+    ids = tokenizer.encode(prompt)
+    budget = max_new_tokens if max_new_tokens is not None else max(settings["max_length"] - len(ids), 1)
+    steps = generate(model, [ids], budget, tokenizer.eos_id, tokenizer.pad_id, settings["do_sample"],
+                     settings["temperature"], settings["top_k"], settings["top_p"], settings["repetition_penalty"])
     ids = [int(step[0]) for step in steps]
     return tokenizer.decode([i for i in ids if i not in (tokenizer.eos_id, tokenizer.pad_id)])
 
 
 def chat_session(model, tokenizer: TeleChatTokenizer, questions, out=None, max_new_tokens: int | None = None,
                  **overrides) -> list[dict]:
-    out = out or sys.stdout
-    history: list[dict] = []
     settings = _generation_settings(model, overrides)
-    for question in questions:
-        printed = 0
-        for answer, history in chat(model, tokenizer, question, history, settings, stream=True,
-                                    max_new_tokens=max_new_tokens):
-            out.write(answer[printed:])
-            out.flush()
-            printed = len(answer)
-        out.write("\n")
-    return history
+    return shared_chat_session(lambda question, history: chat(model, tokenizer, question, history, settings,
+                                                              stream=True, max_new_tokens=max_new_tokens),
+                               questions, out)

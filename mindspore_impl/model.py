@@ -227,9 +227,9 @@ class TelechatForCausalLM(nn.Cell):
     as in transformers). dropout_keys ([B] int, one per row) key the dropout masks in training.
     `forward` and `decode_step` build cos/sin and segment ids from plain arrays; generation is in generate.py."""
 
-    def __init__(self, config: TeleChatConfig, compute_dtype=ms.float32, rope_fp16_tables: bool = True):
+    def __init__(self, config: TeleChatConfig, compute_dtype=ms.float32):
         super().__init__()
-        self.config, self.compute_dtype, self.rope_fp16_tables = config, compute_dtype, rope_fp16_tables
+        self.config, self.compute_dtype = config, compute_dtype
         fused = uses_fused_ops()
         self.model = TelechatModel(config, fused)
         self.lm_head = None if config.tied else Linear(config.hidden_size, config.vocab_size, False,
@@ -309,7 +309,7 @@ class TelechatForCausalLM(nn.Cell):
     # ---- host-side helpers -------------------------------------------------------------------------------------
 
     def rope(self, position_ids: np.ndarray, total_length: int) -> tuple[Tensor, Tensor]:
-        cos, sin = rope_tables(self.config, position_ids, total_length, self.rope_fp16_tables)
+        cos, sin = rope_tables(self.config, position_ids, total_length, self.config.fp16_rope_tables)
         return Tensor(cos[:, :, None, :]), Tensor(sin[:, :, None, :])
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, labels=None, loss_mask=None):

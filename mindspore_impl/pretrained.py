@@ -3,6 +3,7 @@ converted in memory one tensor at a time (the same name table and checks as `tel
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -26,9 +27,10 @@ def from_pretrained(path: str | Path, dtype: str = "fp32", rope_fp16_tables: boo
     if dtype not in COMPUTE_DTYPES:
         raise TeleChatError(f"unknown dtype {dtype!r}; choose one of {', '.join(COMPUTE_DTYPES)}")
     tensors = ConvertedTensors(path, to="mindspore", dtype="fp32")
-    if rope_fp16_tables is None:
-        rope_fp16_tables = tensors.config.extra.get("rope_fp16_tables", True)
-    model = TelechatForCausalLM(tensors.config, COMPUTE_DTYPES[dtype], rope_fp16_tables)
+    config = tensors.config
+    if rope_fp16_tables is not None:
+        config = dataclasses.replace(config, rope_fp16_tables=rope_fp16_tables)
+    model = TelechatForCausalLM(config, COMPUTE_DTYPES[dtype])
     parameters = {name: Parameter(Tensor(np.ascontiguousarray(array)), name=name) for name, array in tensors}
     not_loaded, unused = ms.load_param_into_net(model, parameters, strict_load=True)
     if not_loaded or unused:  # the converter already checked the names against config.json, so this is a bug
@@ -49,7 +51,5 @@ def save_pretrained(model: TelechatForCausalLM, folder: str | Path, force: bool 
         if source is not None:
             copy_side_files(source, out)
         config = model.config.to_dict()
-        if not model.rope_fp16_tables:
-            config["rope_fp16_tables"] = False
         (out / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return Path(folder)

@@ -7,7 +7,6 @@ import dataclasses
 from transformers import PretrainedConfig
 
 from telechat_ascend.config import TeleChatConfig
-from telechat_ascend.errors import TeleChatError
 
 # PretrainedConfig owns these (tie_word_embeddings defaults to True there too, which is what ties the 7B head).
 _BASE_FIELDS = {"tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id", "architectures", "model_type",
@@ -20,20 +19,14 @@ class TelechatConfig(PretrainedConfig):
     attribute_map = {"num_hidden_layers": "n_layer", "num_attention_heads": "n_head"}
     keys_to_ignore_at_inference = ["past_key_values"]
 
-    def __init__(self, rope_fp16_tables: bool = True, **kwargs):
+    def __init__(self, **kwargs):
         for name, default in _MODEL_FIELDS.items():
             setattr(self, name, kwargs.pop(name, default))
-        # The published RotaryEmbedding rounds its cos/sin tables to fp16 whatever the model dtype; keeping that
-        # (the default) is what makes fp32 logits agree with it to 1e-5. False keeps the tables in fp32.
-        self.rope_fp16_tables = rope_fp16_tables
         kwargs.setdefault("bos_token_id", 1)
         kwargs.setdefault("eos_token_id", 2)
         kwargs.setdefault("pad_token_id", 3)
         super().__init__(**kwargs)
-        core = self.telechat  # validates, naming the field
-        if core.apply_residual_connection_post_layernorm or core.embed_layernorm:
-            raise TeleChatError("config fields 'apply_residual_connection_post_layernorm' and 'embed_layernorm' must be "
-                                "false: no TeleChat release uses them and this backend does not implement them")
+        self.telechat  # validates, naming the field
 
     @property
     def telechat(self) -> TeleChatConfig:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
 
 from pytorch_npu.device import resolve_device, resolve_dtype
 from pytorch_npu.pretrained import from_pretrained
+from telechat_ascend.chat import chat_session as shared_chat_session
 from telechat_ascend.config import TeleChatConfig
 from telechat_ascend.tokenizer import TeleChatTokenizer
 
@@ -32,14 +32,5 @@ def generate_text(model, tokenizer: TeleChatTokenizer, prompt: str, **generate_k
 
 
 def chat_session(model, tokenizer: TeleChatTokenizer, questions, out=None, **generate_kwargs) -> list[dict]:
-    """Answers each question in turn, streaming the text, keeping the history between turns."""
-    out = out or sys.stdout
-    history: list[dict] = []
-    for question in questions:
-        printed = 0
-        for answer, history in model.chat(tokenizer, question, history, stream=True, **generate_kwargs):
-            out.write(answer[printed:])
-            out.flush()
-            printed = len(answer)
-        out.write("\n")
-    return history
+    return shared_chat_session(lambda question, history: model.chat(tokenizer, question, history, stream=True,
+                                                                   **generate_kwargs), questions, out)

@@ -45,7 +45,7 @@ class TelechatRotaryEmbedding(nn.Module):
     def __init__(self, config: TelechatConfig):
         super().__init__()
         self.core = config.telechat
-        self.fp16_tables = config.rope_fp16_tables
+        self.fp16_tables = config.telechat.fp16_rope_tables
 
     def forward(self, position_ids: torch.Tensor, total_length: int, dtype: torch.dtype):
         base, mscale = self.core.rope_scaling(total_length)

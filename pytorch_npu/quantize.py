@@ -30,10 +30,10 @@ from telechat_ascend.checkpoint import atomic_output_dir, copy_side_files
 from telechat_ascend.cli import TORCH_COMMANDS
 from telechat_ascend.config import TeleChatConfig
 from telechat_ascend.errors import TeleChatError
+from telechat_ascend.files import read_text
 from telechat_ascend.tokenizer import TeleChatTokenizer
 
 from .device import resolve_device, resolve_dtype
-from .modeling_telechat import TelechatForCausalLM
 from .pretrained import from_pretrained
 from .quant import (METHODS, QMAX, Int8Linear, check_chip_groups, check_quantization, quantizable_linears, set_chip,
                     set_module, weight_bytes)
@@ -52,7 +52,7 @@ def read_prompts(path: str | Path, limit: int = CALIB_SAMPLES) -> list[str]:
     if not path.is_file():
         raise TeleChatError(f"calibration file {path} not found")
     texts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(read_text(path, "calibration file").splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -160,7 +160,7 @@ def _first_tokens(batches: list[torch.Tensor], budget: int) -> list[torch.Tensor
 def quantize_model(model, method: str, group_size: int = 0, calibration: list[torch.Tensor] = (),
                    keep_float: int = 0, alpha: float = 0.5) -> dict:
     """Quantize a float TelechatForCausalLM in place, set config.quantization, and return the quant_config record."""
-    check_options(method, group_size, keep_float, bool(calibration))
+    check_options(method, group_size, keep_float, bool(calibration), alpha)
     names = quantizable_linears(model)
     if not 0 <= keep_float <= len(names):
         raise TeleChatError(f"--keep-float must be between 0 and the {len(names)} quantizable linears, "
@@ -195,8 +195,12 @@ def quantize_model(model, method: str, group_size: int = 0, calibration: list[to
     return record
 
 
-def check_options(method: str, group_size: int, keep_float: int, calibrated: bool) -> None:
+def check_options(method: str, group_size: int, keep_float: int, calibrated: bool, alpha: float = 0.5) -> None:
     check_quantization({"method": method, "group_size": group_size})
+    if not 0 <= alpha <= 1:  # also refuses nan, which would write NaN weights
+        raise TeleChatError(f"--alpha (smoothing strength) must be a number in [0, 1], got {alpha}")
+    if keep_float < 0:
+        raise TeleChatError(f"--keep-float must be >= 0, got {keep_float}")
     if method == "w8a8" and not calibrated:
         raise TeleChatError("w8a8 needs calibration prompts (--calib FILE.jsonl) for its activation scales")
     if keep_float and not calibrated:
@@ -228,7 +232,7 @@ def quantize_folder(src: str | Path, out: str | Path, method: str, calib: str | 
                     force: bool = False) -> dict:
     """Quantize the float TeleChat folder `src` into `out`; returns the quant_config record."""
     # Everything that can be checked before loading the model is.
-    check_options(method, group_size, keep_float, calib is not None)
+    check_options(method, group_size, keep_float, calib is not None, alpha)
     check_chip_groups(soc, group_size)
     texts = read_prompts(calib) if calib else []
     model, dtype = load_float_model(src)
@@ -293,15 +297,21 @@ def _run_quantize(args) -> None:
 
 
 def _run_eval(args) -> None:
+    if args.seq_len < 1 or args.max_tokens < 2:
+        raise TeleChatError(f"--seq-len must be >= 1 and --max-tokens >= 2, got {args.seq_len} and {args.max_tokens}")
     tokenizer = TeleChatTokenizer.from_pretrained(args.float_model)
-    path = Path(args.text)
-    if not path.is_file():
-        raise TeleChatError(f"text file {path} not found")
-    ids = tokenizer.encode(path.read_text(encoding="utf-8"))[:args.max_tokens]
+    ids = tokenizer.encode(read_text(args.text, "text file (--text)"))[:args.max_tokens]
+    if len(ids) < 2:
+        raise TeleChatError(f"{args.text}: holds {len(ids)} token(s); perplexity needs at least 2")
     float_model = load_for_eval(args.float_model, args.device, args.dtype, args.soc)
     int8_model = load_for_eval(args.int8_model, args.device, args.dtype, args.soc)
     if not any(isinstance(m, Int8Linear) for m in int8_model.modules()):
         raise TeleChatError(f"{args.int8_model} holds no int8 layers: pass the folder `quantize` wrote")
+    # quantize keeps the embedding as it was: a different one means another float model.
+    embeddings = (m.get_input_embeddings().weight for m in (float_model, int8_model))
+    if not torch.equal(*embeddings):
+        raise TeleChatError(f"{args.int8_model} was not quantized from {args.float_model} (their word embeddings "
+                            f"differ): pass the float model that `quantize --model` read")
     result = compare(float_model, int8_model, ids, args.seq_len)
     print(json.dumps(result, indent=2))
 

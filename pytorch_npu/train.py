@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
 import shutil
@@ -36,6 +35,7 @@ from pytorch_npu.modeling_telechat import TelechatForCausalLM
 from pytorch_npu.pretrained import from_pretrained
 from telechat_ascend.config import TeleChatConfig
 from telechat_ascend.errors import TeleChatError
+from telechat_ascend.files import read_json_object
 from telechat_ascend.trainer import StepInputs, StepResult, train
 from telechat_ascend.training import TrainConfig, add_run_arguments, decays, run_config
 
@@ -147,12 +147,7 @@ class TorchBackend:
     def _deepspeed(self, model, config: TrainConfig):
         import deepspeed
         path = self.deepspeed_config
-        try:
-            ds_config = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise TeleChatError(f"--deepspeed {path}: {error}") from None
-        if not isinstance(ds_config, dict):
-            raise TeleChatError(f"--deepspeed {path}: expected a JSON object")
+        ds_config = read_json_object(path, "DeepSpeed config (--deepspeed)")
         order = config.runner.batch_size * self.world * config.runner.gradient_accumulation_steps
         ds_config.update(deepspeed_settings(config, order, self.dtype))
         ds_config.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True

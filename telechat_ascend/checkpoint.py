@@ -22,6 +22,7 @@ import numpy as np
 from safetensors import TensorSpec, serialize_file
 
 from telechat_ascend.errors import TeleChatError
+from telechat_ascend.files import inside, read_json
 from telechat_ascend.mindspore_ckpt import CkptWriter, read_ckpt
 
 DTYPES = {"fp32": np.dtype(np.float32), "fp16": np.dtype(np.float16), "bf16": np.dtype(ml_dtypes.bfloat16)}
@@ -119,16 +120,13 @@ def find_weights(path: str | Path) -> WeightFiles:
 
 
 def _from_index(folder: Path, kind: str, index: Path) -> WeightFiles:
-    try:
-        data = json.loads(index.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise TeleChatError(f"{index}: not valid JSON: {error}") from None
+    data = read_json(index, "weight index")
     weight_map = data.get("weight_map", data) if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise TeleChatError(f"{index}: expected a 'weight_map' of tensor name -> file name")
     files: list[Path] = []
     for file_name in dict.fromkeys(weight_map.values()):
-        shard = folder / file_name
+        shard = inside(folder, file_name, index)
         if not shard.is_file():
             raise TeleChatError(f"{index}: names shard {file_name}, which does not exist in {folder}")
         files.append(shard)

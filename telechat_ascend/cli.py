@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from telechat_ascend.chat import check_generation
 from telechat_ascend.checkpoint import DTYPES, find_weights
 from telechat_ascend.config import HF_KEY_PREFIX, PRESETS, TeleChatConfig
 from telechat_ascend.convert import DEFAULT_SHARD_SIZE, MINDSPORE_FORMATS, TARGETS, convert_checkpoint
@@ -88,18 +89,26 @@ def _load_backend(args: argparse.Namespace):
 def _generation_kwargs(args: argparse.Namespace) -> dict:
     """Only what was given: the rest comes from the model's generation_config.json."""
     names = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty")
-    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    try:
+        return check_generation(given)
+    except TeleChatError as error:
+        raise TeleChatError(f"--{str(error).replace('_', '-', 2)}") from None
 
 
 def _generate(args: argparse.Namespace) -> None:
+    if not args.prompt.strip():
+        raise TeleChatError("--prompt is empty: give the text to continue")
+    kwargs = _generation_kwargs(args)
     inference, model, tokenizer = _load_backend(args)
-    print(inference.generate_text(model, tokenizer, args.prompt, **_generation_kwargs(args)))
+    print(inference.generate_text(model, tokenizer, args.prompt, **kwargs))
 
 
 def _chat(args: argparse.Namespace) -> None:
+    kwargs = _generation_kwargs(args)
     inference, model, tokenizer = _load_backend(args)
     questions = args.question or (line.strip() for line in sys.stdin if line.strip())
-    inference.chat_session(model, tokenizer, questions, **_generation_kwargs(args))
+    inference.chat_session(model, tokenizer, questions, **kwargs)
 
 
 def _parity(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from telechat_ascend.errors import TeleChatError
+from telechat_ascend.files import read_json_object
 
 HF_KEY_PREFIX = "transformer."
 
@@ -46,6 +47,10 @@ class TeleChatConfig:
     use_cache: bool = True
     # Read only by chat() for the prompt budget; absent from the 1B config.
     seq_length: int | None = None
+    # Ours, absent from the published configs (None: true). The published RotaryEmbedding rounds its cos/sin tables
+    # to fp16 whatever the model dtype; keeping that is what makes fp32 logits agree with it to 1e-5. False keeps
+    # the tables in fp32.
+    rope_fp16_tables: bool | None = None
     model_type: str = "telechat"
     architectures: list[str] = field(default_factory=lambda: ["TelechatForCausalLM"])
     extra: dict[str, Any] = field(default_factory=dict)
@@ -65,6 +70,15 @@ class TeleChatConfig:
         if self.n_head % self.kv_heads:
             raise TeleChatError(f"config field 'n_head' ({self.n_head}) must be a multiple of "
                                 f"'num_key_value_heads' ({self.kv_heads})")
+        for name in ("tie_word_embeddings", "rope_fp16_tables", "apply_residual_connection_post_layernorm",
+                     "embed_layernorm", "flash_attn", "use_cache"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, bool):
+                raise TeleChatError(f"config field '{name}' must be true or false, got {value!r}")
+        for name in ("apply_residual_connection_post_layernorm", "embed_layernorm"):
+            if getattr(self, name):
+                raise TeleChatError(f"config field '{name}' is true: no TeleChat release uses it and neither backend "
+                                    f"implements it; set it to false")
         for name in ("hidden_dropout", "attention_dropout"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1:
@@ -75,6 +89,10 @@ class TeleChatConfig:
             raise TeleChatError(f"config field 'model_type' is {self.model_type!r}, not 'telechat'")
 
     # ---- derived values -------------------------------------------------------------------------------------------
+
+    @property
+    def fp16_rope_tables(self) -> bool:
+        return self.rope_fp16_tables is not False
 
     @property
     def head_dim(self) -> int:
@@ -145,14 +163,7 @@ class TeleChatConfig:
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
-        if not path.is_file():
-            raise TeleChatError(f"{path}: not found")
-        try:
-            values = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise TeleChatError(f"{path}: not valid JSON: {error}") from None
-        if not isinstance(values, dict):
-            raise TeleChatError(f"{path}: expected a JSON object")
+        values = read_json_object(path, "config.json")
         try:
             return cls.from_dict(values)
         except TeleChatError as error:

@@ -65,6 +65,7 @@ from tqdm import tqdm
 
 from telechat_ascend.checkpoint import atomic_output_dir
 from telechat_ascend.errors import TeleChatError
+from telechat_ascend.files import inside, read_json, read_json_object
 from telechat_ascend.tokenizer import TeleChatTokenizer, render_dialog
 
 FORMAT_VERSION = 1
@@ -78,6 +79,7 @@ USER, BOT = "<_user>", "<_bot>"
 ROLES = {"user": "user", "bot": "bot", "assistant": "bot"}
 CHUNK_LINES = 256  # lines per pool task: large enough to amortise pickling, small enough to keep workers busy
 MIN_SEQ_LEN = 8
+MAX_WEIGHT = 1000  # a source's weight is how many copies of it are drawn; the plan holds them all in memory
 
 
 # ---- parsing and rendering one record ---------------------------------------------------------------------------
@@ -376,17 +378,15 @@ def read_sources(data: str | Path) -> list[tuple[str, Path, float]]:
         raise TeleChatError(f"{data}: no such file")
     if data.suffix == ".jsonl":
         return [(data.name, data, 1.0)]
-    try:
-        mapping = json.loads(data.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TeleChatError(f"{data}: not valid JSON ({e})") from e
+    mapping = read_json(data, "data.json")
     if not isinstance(mapping, dict) or not mapping:
         raise TeleChatError(f"{data}: expected a non-empty JSON object mapping jsonl paths to weights")
     sources = []
     for name, weight in mapping.items():
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < float("inf"):
-            raise TeleChatError(f"{data}: weight of {name!r} must be a positive number, got {weight!r}")
-        path = data.parent / name
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight <= MAX_WEIGHT:
+            raise TeleChatError(f"{data}: weight of {name!r} must be a positive number of at most {MAX_WEIGHT} "
+                                f"(copies of the source), got {weight!r}")
+        path = inside(data.parent, name, data)
         if not path.is_file():
             raise TeleChatError(f"{data}: {name!r} not found (looked for {path})")
         sources.append((name, path, float(weight)))
@@ -548,7 +548,7 @@ class PackedDataset:
         if not path.is_file():
             raise TeleChatError(f"{path}: no manifest; not a prepare-data output folder")
         try:
-            self.manifest = json.loads(path.read_text(encoding="utf-8"))
+            self.manifest = read_json_object(path, "manifest")
             version, seq_len, shards = (self.manifest[k] for k in ("format_version", "seq_len", "shards"))
             rows = [int(shard["rows"]) for shard in shards]
         except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:

@@ -19,6 +19,7 @@ import sentencepiece as spm
 import tokenizers
 
 from telechat_ascend.errors import TeleChatError
+from telechat_ascend.files import read_json_object
 
 # generation_config.json field -> (attribute, vocabulary piece used when the field is absent).
 SPECIAL_IDS = {
@@ -110,6 +111,11 @@ class TeleChatTokenizer:
 
         This is the split of transformers 4.30, the version Tele-AI pins. transformers >= 4.34 honours the
         `single_word: true` of the 12B tokenizer_config and leaves e.g. the `<_end>` of "a<_end>b" unsplit."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:  # a lone surrogate: "\ud800" in JSON, or undecodable bytes in argv
+            raise TeleChatError(f"text is not valid Unicode: {text[error.start]!r} at character {error.start} (a "
+                                f"lone surrogate, e.g. from bytes that are not UTF-8)") from None
         if not self._sp:
             return self.backend.encode(text, add_special_tokens=False).ids
         chunks = self._split_re.split(text) if self._split_re else [text]
@@ -275,15 +281,7 @@ def _piece_id(backend: spm.SentencePieceProcessor | tokenizers.Tokenizer, piece:
 
 def _read_json_object(path: Path) -> dict[str, Any]:
     """The JSON object in `path`, or {} when the file is absent."""
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TeleChatError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(data, dict):
-        raise TeleChatError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+    return read_json_object(path, missing_ok=True)
 
 
 def _token_text(path: Path, key: str, value: Any) -> str | None:

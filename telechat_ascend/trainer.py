@@ -42,6 +42,7 @@ from telechat_ascend.checkpoint import atomic_output_dir, publish_dir, remove_st
 from telechat_ascend.config import TeleChatConfig
 from telechat_ascend.data import ARRAYS, PackedDataset
 from telechat_ascend.errors import TeleChatError
+from telechat_ascend.files import read_json_object
 from telechat_ascend.training import (LATEST, LossLogWriter, LossScaler, Plan, TrainConfig, checkpoint_name,
                                       dropout_row_keys, read_latest, target_count, write_latest)
 
@@ -159,12 +160,12 @@ def run_settings(config: TrainConfig, backend: str, fingerprint: str, plan: Plan
 
 def read_state(folder: Path) -> dict[str, Any]:
     path = folder / STATE_FILE
+    if not path.is_file():
+        raise TeleChatError(f"{path}: missing; {folder} is not a complete checkpoint")
+    state = read_json_object(path, "trainer state")
     try:
-        state = json.loads(path.read_text(encoding="utf-8"))
         int(state["step"]), state["settings"], state["loss_scale"]
-    except FileNotFoundError:
-        raise TeleChatError(f"{path}: missing; {folder} is not a complete checkpoint") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+    except (KeyError, TypeError, ValueError) as error:
         raise TeleChatError(f"{path}: unreadable trainer state ({type(error).__name__}: {error})") from None
     return state
 

@@ -63,6 +63,7 @@ import yaml
 
 from telechat_ascend.config import PRESETS
 from telechat_ascend.errors import TeleChatError
+from telechat_ascend.files import read_text
 
 IGNORE_INDEX = -100
 
@@ -276,9 +277,7 @@ def load_train_config(path: str | Path) -> TrainConfig:
     """A TrainConfig from YAML. Errors name the file and the key."""
     path = Path(path)
     try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as error:
-        raise TeleChatError(f"{path}: cannot read ({error.strerror})") from None
+        values = yaml.safe_load(read_text(path, "training config"))
     except yaml.YAMLError as error:
         raise TeleChatError(f"{path}: not valid YAML: {error}") from None
     try:

@@ -126,7 +126,7 @@ def test_unknown_preset_is_refused():
 
 def test_bad_config_file_names_the_file(tmp_path):
     (tmp_path / "config.json").write_text('{"n_layer": "two"', encoding="utf-8")
-    with pytest.raises(TeleChatError, match="config.json: not valid JSON"):
+    with pytest.raises(TeleChatError, match=r"config.json:1: not valid JSON"):
         TeleChatConfig.from_file(tmp_path)
     (tmp_path / "config.json").write_text('{"n_layer": "two"}', encoding="utf-8")
     with pytest.raises(TeleChatError, match=r"config.json: config field 'n_layer' must be a positive integer"):

@@ -322,7 +322,7 @@ def test_corrupt_files(tmp_path, tiny_dir):
         TeleChatTokenizer.from_pretrained(tmp_path)
     folder = build_tiny_tokenizer(tmp_path / "tiny")
     (folder / "generation_config.json").write_text("{not json")
-    with pytest.raises(TeleChatError, match=r"generation_config\.json: not valid JSON"):
+    with pytest.raises(TeleChatError, match=r"generation_config\.json:1: not valid JSON"):
         TeleChatTokenizer.from_pretrained(folder)
 
 

@@ -165,7 +165,7 @@ def test_resume_refuses_changed_settings(work, reference, backend, change, setti
         change = {"train_dataset": {"data_dir": str(other)}}
     config = write_config(work, f"reference-{backend}", steps=8, **change)
     message = error_of(run(backend, config, "--resume", ok=False))
-    assert f"step-000006: the checkpoint was written with" in message and setting in message
+    assert "step-000006: the checkpoint was written with" in message and setting in message
 
 
 def wait_for(predicate, process, seconds=300):
