@@ -24,6 +24,10 @@ def set_device(device: str) -> str:
     if kind not in DEVICE_TARGETS or (index and not index.isdigit()):
         raise TeleChatError(f"--device {device!r}: choose cpu, npu[:N] or cuda[:N] with --backend mindspore")
     target = DEVICE_TARGETS[kind]
+    if target != "CPU" and not ms.hal.is_available(target):
+        raise TeleChatError(f"--device {device}: MindSpore cannot reach an {target} device here (its {target} "
+                            f"plugin or driver did not load); install MindSpore's {target} build and source the "
+                            f"driver's environment (Ascend: CANN's set_env.sh), or use --device cpu")
     if (target, int(index or 0)) != (ms.get_context("device_target"), ms.get_context("device_id")):
         ms.set_device(target, int(index) if index else None)  # once per process: the runtime then stays put
     return target

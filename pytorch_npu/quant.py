@@ -35,9 +35,10 @@ from torch import nn
 
 from telechat_ascend.errors import TeleChatError
 
+from .backend import QUANT_METHODS
 from .device import load_torch_npu, normalize_chip, npu_chip
 
-METHODS = ("w8a16", "w8a8")
+METHODS = QUANT_METHODS
 LINEARS = ("query", "key_value", "dense", "gate_proj", "up_proj", "down_proj")  # embeddings, norms, lm_head stay float
 QMAX = 127  # symmetric int8: -128 is never used, so negation stays exact
 CPU_DECODE_ROWS = 16  # at most this many rows per call take the CPU int8 kernel; more are prefill (see above)

@@ -27,19 +27,17 @@ import torch
 import torch.nn.functional as F
 
 from telechat_ascend.checkpoint import atomic_output_dir, copy_side_files
-from telechat_ascend.cli import TORCH_COMMANDS
 from telechat_ascend.config import TeleChatConfig
 from telechat_ascend.errors import TeleChatError
 from telechat_ascend.files import read_text
 from telechat_ascend.tokenizer import TeleChatTokenizer
 
+from .backend import CALIB_SAMPLES, CALIB_TOKENS
 from .device import resolve_device, resolve_dtype
 from .pretrained import from_pretrained
-from .quant import (METHODS, QMAX, Int8Linear, check_chip_groups, check_quantization, quantizable_linears, set_chip,
+from .quant import (QMAX, Int8Linear, check_chip_groups, check_quantization, quantizable_linears, set_chip,
                     set_module, weight_bytes)
 
-CALIB_SAMPLES = 32  # prompts read from --calib
-CALIB_TOKENS = 256  # each truncated to this many tokens
 SENSITIVITY_TOKENS = 512  # calibration tokens scored per candidate layer (one forward pass per quantized linear)
 
 
@@ -287,7 +285,7 @@ def load_for_eval(folder: str | Path, device: str = "cpu", dtype: str | None = N
 
 # --- command line --------------------------------------------------------------------------------------------------
 
-def _run_quantize(args) -> None:
+def run_quantize(args) -> None:
     record = quantize_folder(args.model, args.out, args.method, args.calib, args.group_size, args.keep_float,
                              args.alpha, args.soc, args.force)
     sizes = record["bytes"]
@@ -296,7 +294,7 @@ def _run_quantize(args) -> None:
           f"MB); kept in float: {', '.join(record['float_modules']) or 'none'}")
 
 
-def _run_eval(args) -> None:
+def run_eval(args) -> None:
     if args.seq_len < 1 or args.max_tokens < 2:
         raise TeleChatError(f"--seq-len must be >= 1 and --max-tokens >= 2, got {args.seq_len} and {args.max_tokens}")
     tokenizer = TeleChatTokenizer.from_pretrained(args.float_model)
@@ -314,34 +312,3 @@ def _run_eval(args) -> None:
                             f"differ): pass the float model that `quantize --model` read")
     result = compare(float_model, int8_model, ids, args.seq_len)
     print(json.dumps(result, indent=2))
-
-
-def add_quant_commands(subparsers) -> None:
-    """Register `quantize` and `eval-quant` on the telechat-ascend subcommand parser."""
-    quantize = subparsers.add_parser("quantize", help=TORCH_COMMANDS["quantize"])
-    quantize.add_argument("--method", required=True, choices=METHODS)
-    quantize.add_argument("--model", required=True, type=Path, help="the float TeleChat folder")
-    quantize.add_argument("--out", required=True, type=Path)
-    quantize.add_argument("--calib", type=Path, help=f"jsonl of calibration prompts (first {CALIB_SAMPLES} used, "
-                          f"{CALIB_TOKENS} tokens each); required for w8a8 and --keep-float")
-    quantize.add_argument("--group-size", type=int, default=0,
-                          help="w8a16: one scale per this many inputs (a multiple of 32); 0 = per output channel")
-    quantize.add_argument("--keep-float", type=int, default=0,
-                          help="keep the N linears with the largest calibration error in float (one forward pass "
-                               "per linear)")
-    quantize.add_argument("--alpha", type=float, default=0.5, help="w8a8 smoothing strength (SmoothQuant α)")
-    quantize.add_argument("--soc", choices=["310p"], help="check the result runs on this chip (Atlas 300I Pro)")
-    quantize.add_argument("--force", action="store_true", help="replace an existing output folder")
-    quantize.set_defaults(run=_run_quantize)
-
-    evaluate = subparsers.add_parser("eval-quant", help=TORCH_COMMANDS["eval-quant"])
-    evaluate.add_argument("--float", dest="float_model", required=True, type=Path)
-    evaluate.add_argument("--int8", dest="int8_model", required=True, type=Path)
-    evaluate.add_argument("--text", required=True, type=Path, help="a UTF-8 text file to score")
-    evaluate.add_argument("--seq-len", type=int, default=256, help="tokens predicted per window")
-    evaluate.add_argument("--max-tokens", type=int, default=20000, help="score at most this many tokens")
-    evaluate.add_argument("--device", default="cpu", help="cpu, cuda[:N], npu[:N] or auto")
-    evaluate.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
-                          help="default: the chip's preferred dtype")
-    evaluate.add_argument("--soc", choices=["310p"], help="evaluate under this chip's policy (310p: fp16 only)")
-    evaluate.set_defaults(run=_run_eval)

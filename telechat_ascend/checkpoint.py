@@ -7,12 +7,14 @@ Tensors travel as numpy arrays (bf16 through ml_dtypes), so the bytes of every d
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
 import re
 import shutil
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -224,8 +226,10 @@ def _load_torch_file(path: Path) -> dict:
     except ImportError:
         raise TeleChatError(f"{path}: reading pytorch .bin weights needs torch (pip install 'telechat-ascend[torch]')") from None
     try:
-        # weights_only refuses any pickle that is not plain tensors and containers; mmap keeps the shard on disk.
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        # weights_only refuses any pickle that is not plain tensors and containers; mmap keeps the shard on disk,
+        # which only the zip format (torch >= 1.6) allows: a legacy file is read whole instead.
+        mmap = zipfile.is_zipfile(path)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:  # torch raises RuntimeError, UnpicklingError, EOFError... for a bad file
         raise TeleChatError(f"{path}: unreadable pytorch weights file ({type(error).__name__}: {error})") from None
     if not isinstance(state, dict):
@@ -320,19 +324,30 @@ def atomic_output_dir(dst: str | Path, force: bool = False) -> Iterator[Path]:
     so no half-written checkpoint is ever visible at `dst`. An existing `dst` is replaced only with force=True, and
     only after the new folder is complete."""
     dst = Path(dst)
+    if dst.exists() and not dst.is_dir():
+        raise TeleChatError(f"{dst} is a file, not a folder; choose another output path")
     if dst.exists() and not force:
         raise TeleChatError(f"{dst} already exists; pass --force to overwrite it")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_partials(dst.parent)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-{os.getpid()}-", dir=dst.parent))
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_partials(dst.parent)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-{os.getpid()}-", dir=dst.parent))
+    except OSError as error:
+        raise TeleChatError(f"{dst}: cannot write there ({error.strerror})") from None
     try:
         yield tmp
+    except OSError as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if error.errno in WRITE_ERRNOS:  # a full disk or quota, a read-only file system: nothing was published
+            raise TeleChatError(f"{dst}: writing failed ({error.strerror}); nothing was written there") from None
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     publish_dir(tmp, dst)
 
 
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EFBIG)
 _PARTIAL = re.compile(r"\..+\.(?:partial|replaced)-(\d+)(?:-.*)?")
 
 

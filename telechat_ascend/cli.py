@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from telechat_ascend.backends import backend, backends
 from telechat_ascend.chat import check_generation
 from telechat_ascend.checkpoint import DTYPES, find_weights
 from telechat_ascend.config import HF_KEY_PREFIX, PRESETS, TeleChatConfig
@@ -74,14 +75,8 @@ def _convert(args: argparse.Namespace) -> None:
 
 
 def _load_backend(args: argparse.Namespace):
-    """(inference module, model, tokenizer) of --backend; both modules offer the same functions."""
-    try:
-        if args.backend == "torch":
-            from pytorch_npu import inference
-        else:
-            from mindspore_impl import inference
-    except ImportError as error:
-        raise TeleChatError(f"--backend {args.backend} needs pip install 'telechat-ascend[{args.backend}]': {error}") from None
+    """(inference module, model, tokenizer) of --backend; every backend's module offers the same functions."""
+    inference = backend(args.backend).load()
     model, tokenizer = inference.load_model(args.model, args.device, args.dtype)
     return inference, model, tokenizer
 
@@ -141,7 +136,9 @@ def _bench(args: argparse.Namespace) -> None:
 
 
 def _add_inference_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backend", choices=["torch", "mindspore"], default="torch")
+    names = list(backends())
+    parser.add_argument("--backend", choices=names, default="torch" if "torch" in names else None,
+                        required="torch" not in names, help="the installed backends (entry points)")
     parser.add_argument("--model", required=True, type=Path, help="a TeleChat model folder")
     parser.add_argument("--device", default="cpu", help="cpu, cuda[:N], npu[:N] or auto")
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
@@ -154,24 +151,7 @@ def _add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repetition-penalty", type=float, default=None)
 
 
-# Commands whose parsers import torch: registered for real only when asked for, so the others start fast.
-TORCH_COMMANDS = {"quantize": "write an int8 (w8a16 or w8a8) copy of a model",
-                  "eval-quant": "perplexity and greedy agreement of an int8 model against its float model"}
-
-
-def _add_torch_commands(commands, argv: list[str]) -> None:
-    if not set(argv[:1]) & set(TORCH_COMMANDS):
-        for name, text in TORCH_COMMANDS.items():
-            commands.add_parser(name, help=text, add_help=False)
-        return
-    try:
-        from pytorch_npu.quantize import add_quant_commands
-    except ImportError as error:
-        raise SystemExit(f"telechat-ascend {argv[0]}: needs pip install 'telechat-ascend[torch]': {error}")
-    add_quant_commands(commands)
-
-
-def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="telechat-ascend",
                                      description="Train and serve TeleChat on Ascend NPUs (MindSpore and torch-npu).")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -239,12 +219,14 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     bench.add_argument("--compare", choices=["7B", "12B"], help="only the published rows of this model")
     bench.set_defaults(run=_bench)
 
-    _add_torch_commands(commands, sys.argv[1:] if argv is None else argv)
+    for installed in backends().values():  # their extra subcommands (int8 quantization, ...)
+        for name, (text, add) in installed.commands.items():
+            add(commands, text)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser(argv).parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         return args.run(args) or 0
     except TeleChatError as error:

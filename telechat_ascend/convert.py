@@ -54,6 +54,8 @@ def convert_checkpoint(src: str | Path, dst: str | Path, to: str, dtype: str | N
         raise TeleChatError(f"unknown format {fmt!r}; choose one of {', '.join(MINDSPORE_FORMATS)}")
     shard_bytes = parse_size(max_shard_size)
     conversion = ConvertedTensors(src, to, dtype)
+    if Path(dst).resolve() in (conversion.src.resolve(), conversion.folder.resolve()):
+        raise TeleChatError(f"{dst} is the source itself; write the conversion to another folder")
     report = ConversionReport(output=Path(dst))
     with atomic_output_dir(dst, force) as out:
         writer = mindspore_writer(out, fmt, shard_bytes) if to == "mindspore" else hf_writer(out, shard_bytes)
@@ -102,6 +104,9 @@ class ConvertedTensors:
             seen.add(name)
             spec, out_name = self.plan[name]
             check_shape(name, array.shape, spec.shape, str(path))
+            if array.dtype not in DTYPES.values():
+                raise TeleChatError(f"{path}: tensor {name} is {array.dtype}; TeleChat weights are float32, float16 "
+                                    f"or bfloat16")
             yield out_name, cast(array, self.dtype)
         check_names(list(seen), list(self.plan), str(self.src))
 

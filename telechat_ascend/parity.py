@@ -14,6 +14,7 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from telechat_ascend.backends import backends as installed_backends
 from telechat_ascend.errors import TeleChatError
 
 MAX_MEAN_RELATIVE_ERROR = 0.01
@@ -126,9 +127,6 @@ def plot(result: ParityResult, path: str | Path, labels: tuple[str, str]) -> Non
     pyplot.close(figure)
 
 
-TRAINERS = {"torch": ["-m", "pytorch_npu.train", "--device", "cpu"], "mindspore": ["-m", "mindspore_impl.train"]}
-
-
 def run_backends(model: str | Path, data: str | Path, steps: int, out: str | Path,
                  backends: tuple[str, str] = ("torch", "mindspore"), lr: float = 1e-4) -> ParityResult:
     """Trains `steps` steps from the same weights on the same batches with each backend's trainer (fp32, CPU, one
@@ -138,9 +136,9 @@ def run_backends(model: str | Path, data: str | Path, steps: int, out: str | Pat
 
     import yaml
 
-    unknown = set(backends) - set(TRAINERS)
-    if len(backends) != 2 or unknown:
-        raise TeleChatError(f"--backends: give two of {', '.join(TRAINERS)}, got {','.join(backends)}")
+    installed = installed_backends()
+    if len(backends) != 2 or set(backends) - set(installed):
+        raise TeleChatError(f"--backends: give two of {', '.join(installed)}, got {','.join(backends)}")
     out = Path(out)
     logs = []
     for backend in backends:
@@ -152,7 +150,7 @@ def run_backends(model: str | Path, data: str | Path, steps: int, out: str | Pat
         out.mkdir(parents=True, exist_ok=True)
         path = out / f"{backend}.yaml"
         path.write_text(yaml.safe_dump(config), encoding="utf-8")
-        done = subprocess.run([sys.executable, *TRAINERS[backend], "--config", str(path), "--overwrite"], capture_output=True,
+        done = subprocess.run([sys.executable, *installed[backend].trainer, "--config", str(path), "--overwrite"], capture_output=True,
                               text=True)
         if done.returncode:
             raise TeleChatError(f"the {backend} trainer failed (config {path}):\n{done.stdout[-2000:]}"

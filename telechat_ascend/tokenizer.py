@@ -222,14 +222,14 @@ def build_tiny_tokenizer(out_dir: str | Path, vocab_size: int = 4096) -> Path:
 
 
 def _tiny_tokenizer_config() -> dict[str, Any]:
-    """The 12B tokenizer_config.json, except that unk is `<_unk>` (the 12B file says `<_end>`)."""
+    """The 12B tokenizer_config.json, except that unk is `<_unk>` (the 12B file says `<_end>`) and that there is no
+    auto_map: it would send AutoTokenizer to a tokenization_telechat.py this folder does not ship (remote code)."""
     def token(content: str) -> dict[str, Any]:
         return {"__type": "AddedToken", "content": content, "lstrip": False, "normalized": True, "rstrip": False,
                 "single_word": True}
 
     return {
         "tokenizer_class": "TelechatTokenizer",
-        "auto_map": {"AutoTokenizer": ["tokenization_telechat.TelechatTokenizer", None]},
         "add_bos_token": False,
         "add_eos_token": False,
         "use_fast": False,

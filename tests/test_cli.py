@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -110,3 +111,39 @@ def test_console_script_is_installed():
                             env={**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"})
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["layers"] == 2
+
+
+HELP_CHECK = """
+import sys
+from telechat_ascend.cli import build_parser, main
+commands = [None, *build_parser()._subparsers._group_actions[0].choices]
+for command in commands:
+    try:
+        main(["--help"] if command is None else [command, "--help"])
+    except SystemExit as done:
+        assert done.code == 0, command
+heavy = [m for m in ("torch", "transformers", "mindspore") if m in sys.modules]
+print(" ".join(c for c in commands if c), "|", " ".join(heavy))
+"""
+
+
+def test_every_help_answers_without_importing_a_framework():
+    out = subprocess.run([sys.executable, "-c", HELP_CHECK], capture_output=True, text=True, timeout=120,
+                         check=True).stdout.splitlines()[-1]
+    commands, heavy = out.split("|")
+    assert {"quantize", "eval-quant", "generate", "prepare-data"} <= set(commands.split())  # backends' commands too
+    assert heavy.strip() == ""
+
+
+def test_the_core_names_no_backend_and_backends_register_through_entry_points():
+    from telechat_ascend.backends import backends
+    core = Path(__file__).resolve().parents[1] / "telechat_ascend"
+    for path in core.glob("*.py"):
+        code = [line for line in path.read_text().splitlines() if line.lstrip().startswith(("import ", "from "))]
+        assert not [line for line in code if "pytorch_npu" in line or "mindspore_impl" in line], path
+    found = backends()
+    assert sorted(found) == ["mindspore", "torch"]
+    assert found["torch"].trainer[:2] == ("-m", "pytorch_npu.train") and "quantize" in found["torch"].commands
+    for name in ("pytorch_npu", "mindspore_impl"):
+        for path in (core.parent / name).glob("*.py"):
+            assert "telechat_ascend.cli" not in path.read_text(), path  # no backend imports the core's CLI

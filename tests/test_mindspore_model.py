@@ -12,7 +12,7 @@ import pytest
 import torch
 from mindspore import ops
 
-import pytorch_npu  # noqa: F401
+import pytorch_npu.modeling_telechat  # noqa: F401  (registers model_type "telechat")
 from checkpoint_files import load_safetensors_folder
 from mindspore_impl import from_pretrained, save_pretrained
 from mindspore_impl.generate import chat as ms_chat

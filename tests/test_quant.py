@@ -3,7 +3,6 @@ int8 layers against float ones and against the int8 GEMM, the kernels really use
 through transformers, the commands, smoothing, and every NPU call site against the published torch-npu schemas and
 their documented semantics (through a schema-enforcing fake torch_npu)."""
 
-import argparse
 import copy
 import json
 import shutil
@@ -20,8 +19,9 @@ from isolated import run_isolated
 from pytorch_npu import inference, quant
 from pytorch_npu.configuration_telechat import TelechatConfig
 from pytorch_npu.modeling_telechat import TelechatForCausalLM
-from pytorch_npu.quantize import (add_quant_commands, compare, input_absmax, load_for_eval, quantize_folder,
+from pytorch_npu.quantize import (compare, input_absmax, load_for_eval, quantize_folder,
                                   quantize_model, smooth)
+from telechat_ascend.cli import build_parser
 from telechat_ascend.errors import TeleChatError
 from telechat_ascend.tokenizer import TINY_CORPUS, TeleChatTokenizer, build_tiny_tokenizer
 
@@ -308,8 +308,7 @@ def test_keep_float_keeps_the_most_sensitive_linears(trained):
 def int8_folders(trained, tmp_path_factory):
     folder, _, _ = trained
     out = tmp_path_factory.mktemp("int8")
-    parser = argparse.ArgumentParser()
-    add_quant_commands(parser.add_subparsers())
+    parser = build_parser()
     for method, extra in (("w8a16", []), ("w8a8", ["--calib", str(folder / "calib.jsonl"), "--keep-float", "1"])):
         args = parser.parse_args(["quantize", "--method", method, "--model", str(folder), "--out",
                                   str(out / method), *extra])
@@ -349,8 +348,7 @@ def test_auto_model_loads_the_int8_folder(trained, int8_folders):
 
 def test_eval_quant_reports_both_perplexities(trained, int8_folders, capsys):
     folder, _, _ = trained
-    parser = argparse.ArgumentParser()
-    add_quant_commands(parser.add_subparsers())
+    parser = build_parser()
     for method, limit in (("w8a16", 0.01), ("w8a8", 0.03)):
         args = parser.parse_args(["eval-quant", "--float", str(folder), "--int8", str(int8_folders / method),
                                   "--text", str(folder / "text.txt"), "--seq-len", "128"])
@@ -390,8 +388,7 @@ def test_quantize_rejects_bad_input(trained, tmp_path, argv, message):
 
 
 def _options(argv):
-    parser = argparse.ArgumentParser()
-    add_quant_commands(parser.add_subparsers())
+    parser = build_parser()
     args = parser.parse_args(["quantize", "--model", "m", "--out", "o", *argv])
     return dict(method=args.method, calib=args.calib, group_size=args.group_size, keep_float=args.keep_float,
                 soc=args.soc)
@@ -413,16 +410,14 @@ def test_quantize_rejects_bad_folders_and_methods(trained, int8_folders, tmp_pat
     bad.write_text('{"text": "ok"}\n{"answer": 1}\n')
     with pytest.raises(TeleChatError, match="bad.jsonl:2"):
         quantize_folder(folder, tmp_path / "e", "w8a8", calib=bad)
-    parser = argparse.ArgumentParser()
-    add_quant_commands(parser.add_subparsers())
+    parser = build_parser()
     with pytest.raises(SystemExit):  # argparse lists the valid methods
         parser.parse_args(["quantize", "--method", "int4", "--model", "m", "--out", "o"])
 
 
 def test_eval_quant_rejects_a_float_folder_as_int8(trained):
     folder, _, _ = trained
-    parser = argparse.ArgumentParser()
-    add_quant_commands(parser.add_subparsers())
+    parser = build_parser()
     args = parser.parse_args(["eval-quant", "--float", str(folder), "--int8", str(folder), "--text",
                               str(folder / "text.txt")])
     with pytest.raises(TeleChatError, match="no int8 layers"):

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-import pytorch_npu  # noqa: F401
+import pytorch_npu.modeling_telechat  # noqa: F401  (registers model_type "telechat")
 from pytorch_npu import TelechatForCausalLM
 from pytorch_npu.modeling_telechat import TelechatCache, TelechatCacheLayer
 from pytorch_npu.chat import TextChunkStreamer

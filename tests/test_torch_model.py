@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import pytorch_npu  # noqa: F401  (registers model_type "telechat")
+import pytorch_npu.modeling_telechat  # noqa: F401  (registers model_type "telechat")
 from pytorch_npu import TelechatConfig, TelechatForCausalLM
 from checkpoint_files import write_bin_shards
 from telechat_ascend.initialize import init_checkpoint

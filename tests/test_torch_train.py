@@ -92,7 +92,7 @@ def test_one_process_trains_and_saves_a_model_both_backends_load(single):
     assert {r["world_size"] for r in records} == {1} and records[0]["seq_len"] == 64
     import numpy as np
     import torch
-    import pytorch_npu  # noqa: F401
+    import pytorch_npu.modeling_telechat  # noqa: F401  (registers model_type "telechat")
     from transformers import AutoModelForCausalLM
     from mindspore_impl import from_pretrained
     # final/hf is the last checkpoint's model, and both backends load it to the same logits.
