@@ -122,8 +122,14 @@ def test_dequantize_weight_inverts_the_grid():
 # --- the int8 layer on CPU -----------------------------------------------------------------------------------------
 
 def reference(x, module):
-    """x·(q·s)ᵀ + b in float64, x first rounded to the int8 grid for w8a8."""
-    w = quant.dequantize_weight(module.weight, module.weight_scale).double()
+    """x·(q·s)ᵀ + b in float64, x first rounded to the int8 grid for w8a8; a per-group scale covers group_size
+    consecutive inputs of its row."""
+    scale = module.weight_scale.double()
+    if scale.dim() == 2:
+        scale = scale.repeat_interleave(module.in_features // scale.shape[1], dim=1)
+    else:
+        scale = scale[:, None]
+    w = module.weight.double() * scale
     x = x.double()
     if module.method == "w8a8":
         x = torch.clamp(torch.round(x / module.input_scale.double()), -127, 127) * module.input_scale.double()
