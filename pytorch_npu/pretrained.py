@@ -29,7 +29,8 @@ def from_pretrained(folder: str | Path, dtype: torch.dtype | str = torch.float32
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # its warnings about these keys become the error below
     try:
-        model, info = TelechatForCausalLM.from_pretrained(folder, dtype=dtype, output_loading_info=True)
+        model, info = TelechatForCausalLM.from_pretrained(folder, dtype=dtype, output_loading_info=True,
+                                                          local_files_only=True)  # never the Hub
     except RuntimeError as error:  # load_state_dict's "size mismatch for NAME: copying a param with shape ..."
         if "size mismatch" not in str(error):
             raise

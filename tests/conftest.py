@@ -39,3 +39,17 @@ def version(request):
     except npu_schema.WheelUnavailable as exc:
         pytest.skip(f"torch-npu {request.param} wheel not cached and not downloadable: {exc}")
     return request.param
+
+
+def tiny_with_dropout(base: Path) -> Path:
+    """A tiny HF checkpoint with hidden and attention dropout 0.1 (as the 7B release) in base/init, and the demo SFT
+    data packed into 64-token rows in base/data: runs with it agree only if dropout is reproducible."""
+    import json
+    from telechat_ascend.data import prepare_data
+    from telechat_ascend.initialize import init_checkpoint
+    init_checkpoint("tiny", base / "init", seed=0)
+    config = json.loads((base / "init" / "config.json").read_text())
+    (base / "init" / "config.json").write_text(json.dumps({**config, "hidden_dropout": 0.1, "attention_dropout": 0.1}))
+    prepare_data(REPO_ROOT / "telechat_ascend" / "assets" / "demo_sft" / "data.json", base / "init", base / "data",
+                 64, workers=1, progress=False)
+    return base

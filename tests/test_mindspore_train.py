@@ -17,10 +17,10 @@ import torch
 import yaml
 from mindspore import Parameter, Tensor
 
+from conftest import tiny_with_dropout
 from mindspore_impl import from_pretrained
 from mindspore_impl.train import AdamW, MindRecordRows, adamw_scalars, main
-from telechat_ascend.data import PackedDataset, export_mindrecord, prepare_data
-from telechat_ascend.initialize import init_checkpoint
+from telechat_ascend.data import PackedDataset, export_mindrecord
 from telechat_ascend.training import LOG_KEYS, cosine_lr, read_loss_log
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,15 +31,9 @@ STEPS = 6
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
-    """A tiny HF checkpoint with hidden and attention dropout 0.1 (as the 7B release) and the demo data packed into
-    64-token rows. With dropout, the runs below agree only if the masks are keyed by (seed, step, row)."""
-    base = tmp_path_factory.mktemp("train")
-    init_checkpoint("tiny", base / "init", seed=0)
-    config = json.loads((base / "init" / "config.json").read_text())
-    (base / "init" / "config.json").write_text(json.dumps({**config, "hidden_dropout": 0.1,
-                                                           "attention_dropout": 0.1}))
-    prepare_data(DEMO_DATA, base / "init", base / "data", 64, workers=1, progress=False)
-    return base
+    """The tiny model with dropout 0.1 and the demo data: with dropout, the runs below agree only if the masks are
+    keyed by (seed, step, row)."""
+    return tiny_with_dropout(tmp_path_factory.mktemp("train"))
 
 
 def write_config(work: Path, name: str, **sections) -> Path:

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import yaml
 
+from conftest import tiny_with_dropout
 from telechat_ascend.data import prepare_data
-from telechat_ascend.initialize import init_checkpoint
 from telechat_ascend.training import read_loss_log
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,13 +29,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
-    base = tmp_path_factory.mktemp("trainer")
-    init_checkpoint("tiny", base / "init", seed=0)
-    config = json.loads((base / "init" / "config.json").read_text())
-    (base / "init" / "config.json").write_text(json.dumps({**config, "hidden_dropout": 0.1,
-                                                           "attention_dropout": 0.1}))
-    prepare_data(DEMO_DATA, base / "init", base / "data", 64, workers=1, progress=False)
-    return base
+    return tiny_with_dropout(tmp_path_factory.mktemp("trainer"))
 
 
 @pytest.fixture(params=sorted(TRAINERS))
