@@ -207,16 +207,13 @@ class TorchBackend:
             if self.engine.zero_optimization_stage() == 3:
                 state_dict = self.engine._zero3_consolidated_16bit_state_dict()
         if rank == 0:
-            try:
-                self.model.save_pretrained(folder / "model", state_dict=state_dict)
-                if self.source is not None:
-                    for name in TOKENIZER_FILES:
-                        if (self.source / name).is_file():
-                            shutil.copy2(self.source / name, folder / "model" / name)
-                if not self.deepspeed:
-                    torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
-            except RuntimeError as error:  # torch.save reports a full disk as "basic_ios::clear: iostream error"
-                raise OSError(f"{type(error).__name__}: {error}") from None
+            self.model.save_pretrained(folder / "model", state_dict=state_dict)
+            if self.source is not None:
+                for name in TOKENIZER_FILES:
+                    if (self.source / name).is_file():
+                        shutil.copy2(self.source / name, folder / "model" / name)
+            if not self.deepspeed:
+                torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
 
     def export(self, checkpoint: Path, final: Path) -> None:
         (final / "hf").mkdir()

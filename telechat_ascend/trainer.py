@@ -345,10 +345,12 @@ def save(backend: TrainBackend, checkpoints: Path, step: int, rank: int, keep_la
     backend.barrier()
     try:
         backend.save(partial, rank)
-    except OSError as error:
+    except Exception as error:  # each framework reports a full disk its own way (OSError, RuntimeError, ...)
         shutil.rmtree(partial, ignore_errors=True)
-        raise TeleChatError(f"{partial}: writing the step {step} checkpoint failed ({error.strerror or error}); "
-                            f"the previous checkpoint is kept") from None
+        reason = str(error) if isinstance(error, TeleChatError) else error.strerror \
+            if isinstance(error, OSError) and error.strerror else f"{type(error).__name__}: {error}"
+        raise TeleChatError(f"{partial}: writing the step {step} checkpoint failed ({reason}); the previous "
+                            f"checkpoint is kept") from None
     backend.barrier()
     if rank == 0:
         (partial / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")

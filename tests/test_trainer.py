@@ -287,3 +287,27 @@ def test_output_dir_that_is_a_file_or_cannot_be_made(work, backend, tmp_path):
                               train_dataset={"data_dir": str(work / "data")}, runner={"output_dir": str(tmp_path / name)})
         assert f"runner.output_dir {tmp_path / name}" in error_of(run(backend, config, ok=False))
         assert message in error_of(run(backend, config, ok=False))
+
+
+FULL_DISK = """
+import resource, runpy, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit a write fails with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (3_000_000, 3_000_000))
+sys.argv = sys.argv[1:]
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+"""
+
+
+def test_a_full_disk_during_a_checkpoint_is_an_error_and_leaves_no_partial_checkpoint(work, backend, tmp_path):
+    """(Defect: PyTorch reported this as `basic_ios::clear: iostream error`.) The tiny model's checkpoint is larger
+    than the 3 MB a file may grow to here."""
+    config = write_config(tmp_path, "full", model={"path": str(work / "init")},
+                          train_dataset={"data_dir": str(work / "data")})
+    module = TRAINERS[backend][1]
+    done = subprocess.run([sys.executable, "-c", FULL_DISK, module, *TRAINERS[backend][2:], "--config", str(config)],
+                          capture_output=True, text=True, timeout=600, env=ENV, cwd=REPO)
+    assert done.returncode == 1, done.stderr[-2000:]
+    message = error_of(done)
+    assert "writing the step 2 checkpoint failed (" in message and "File too large" in message
+    assert "the previous checkpoint is kept" in message
+    assert list((tmp_path / "full" / "checkpoints").iterdir()) == []
