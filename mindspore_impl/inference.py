@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import mindspore as ms
@@ -10,6 +11,7 @@ from mindspore_impl.generate import chat, generate
 from mindspore_impl.pretrained import from_pretrained
 from telechat_ascend.chat import GENERATION_DEFAULTS, check_generation
 from telechat_ascend.chat import chat_session as shared_chat_session
+from telechat_ascend.device import parse_device
 from telechat_ascend.errors import TeleChatError
 from telechat_ascend.files import read_json_object
 from telechat_ascend.tokenizer import TeleChatTokenizer
@@ -20,16 +22,16 @@ DEVICE_TARGETS = {"cpu": "CPU", "npu": "Ascend", "cuda": "GPU"}
 
 def set_device(device: str) -> str:
     """Sets MindSpore's device target (and device id for npu:N / cuda:N); returns the target."""
-    kind, _, index = device.partition(":")
-    if kind not in DEVICE_TARGETS or (index and not index.isdigit()):
-        raise TeleChatError(f"--device {device!r}: choose cpu, npu[:N] or cuda[:N] with --backend mindspore")
+    kind, index = parse_device(device, os.environ)
+    if kind == "auto":
+        kind = "npu" if ms.hal.is_available("Ascend") else "cpu"
     target = DEVICE_TARGETS[kind]
     if target != "CPU" and not ms.hal.is_available(target):
         raise TeleChatError(f"--device {device}: MindSpore cannot reach an {target} device here (its {target} "
                             f"plugin or driver did not load); install MindSpore's {target} build and source the "
                             f"driver's environment (Ascend: CANN's set_env.sh), or use --device cpu")
-    if (target, int(index or 0)) != (ms.get_context("device_target"), ms.get_context("device_id")):
-        ms.set_device(target, int(index) if index else None)  # once per process: the runtime then stays put
+    if (target, index or 0) != (ms.get_context("device_target"), ms.get_context("device_id")):
+        ms.set_device(target, index)  # once per process: the runtime then stays put
     return target
 
 

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 
 import torch
 
+from telechat_ascend.device import parse_device
 from telechat_ascend.errors import TeleChatError
 
 # Chips with a policy. 910b = Atlas A2, a3 = Atlas A3, 910a = the older Atlas training series, 310p = Atlas 300I
@@ -65,25 +66,6 @@ def _require_torch_npu():
             f"{version} (`pip install torch-npu=={version}`), or use the cpu or cuda device."
         )
     return torch_npu
-
-
-def parse_device(spec: str, env: Mapping[str, str]) -> tuple[str, int | None]:
-    """Split a device spec into (kind, index); bare "npu"/"cuda" take the index from LOCAL_RANK (default 0).
-
-    kind is "npu", "cuda", "cpu" or "auto"; the index is None for "cpu" and "auto".
-    """
-    spec = spec.strip().lower()
-    if spec in ("cpu", "auto"):
-        return spec, None
-    match = re.fullmatch(r"(npu|cuda)(?::(\d+))?", spec)
-    if match is None:
-        raise TeleChatError(f"unknown device {spec!r}: expected npu, npu:N, cuda, cuda:N, cpu or auto")
-    if match[2] is not None:
-        return match[1], int(match[2])
-    local_rank = env.get("LOCAL_RANK", "0")
-    if not local_rank.isdigit():
-        raise TeleChatError(f"LOCAL_RANK={local_rank!r} is not a device index (a non-negative integer)")
-    return match[1], int(local_rank)
 
 
 def _auto_kind() -> str:

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from pytorch_npu import device
+from telechat_ascend.device import parse_device
 from telechat_ascend.errors import TeleChatError
 
 bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
@@ -110,7 +111,7 @@ def test_import_is_lazy_and_npu_resolves_in_a_fresh_process():
     ],
 )
 def test_parse_device(spec, env, expected):
-    assert device.parse_device(spec, env) == expected
+    assert parse_device(spec, env) == expected
 
 
 @pytest.mark.parametrize(
@@ -124,7 +125,7 @@ def test_parse_device(spec, env, expected):
 )
 def test_parse_device_errors(spec, env, message):
     with pytest.raises(TeleChatError, match=message):
-        device.parse_device(spec, env)
+        parse_device(spec, env)
 
 
 def test_cpu_and_auto_resolve_to_cpu_here(no_torch_npu):

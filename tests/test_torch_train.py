@@ -197,3 +197,38 @@ def test_two_process_run_with_dropout_resumes_exactly(workspace, tmp_path):
     assert losses(tmp_path / "killed") == losses(tmp_path / "whole")
     whole, killed = (load_file(tmp_path / n / "final" / "hf" / "model.safetensors") for n in ("whole", "killed"))
     assert set(whole) == set(killed) and all((whole[k] == killed[k]).all() for k in whole)
+
+
+def test_deepspeed_takes_the_loss_scale_section_or_refuses_it(tmp_path):
+    """The YAML's loss_scale reaches DeepSpeed's fp16 scaler (whose hysteresis 1 is the shared rule: every overflow
+    halves); what DeepSpeed cannot do is refused rather than ignored."""
+    import torch
+    from pytorch_npu.train import deepspeed_settings
+    from telechat_ascend.errors import TeleChatError
+    from telechat_ascend.training import load_train_config
+    base = "model:\n  preset: tiny\n  dtype: fp16\ntrain_dataset:\n  data_dir: d\nrunner:\n  batch_size: 2\n"
+    path = tmp_path / "c.yaml"
+    path.write_text(base + "loss_scale:\n  value: 1024\n  window: 50\n")
+    fp16 = deepspeed_settings(load_train_config(path), 4, torch.float16)["fp16"]
+    assert fp16 == {"enabled": True, "loss_scale": 0, "initial_scale_power": 10, "loss_scale_window": 50,
+                    "hysteresis": 1, "min_loss_scale": 1}
+    path.write_text(base + "loss_scale:\n  type: static\n  value: 128\n")
+    assert deepspeed_settings(load_train_config(path), 4, torch.float16)["fp16"] == {"enabled": True,
+                                                                                     "loss_scale": 128.0}
+    for section, message in (("  factor: 4\n", "changes the scale by a factor of 2 only"),
+                             ("  value: 1000\n", "starts a dynamic scale at a power of 2")):
+        path.write_text(base + "loss_scale:\n" + section)
+        with pytest.raises(TeleChatError, match=message):
+            deepspeed_settings(load_train_config(path), 4, torch.float16)
+
+
+def test_mindspore_context_settings_are_refused_or_checked(workspace, capsys):
+    from pytorch_npu.train import main
+    for context, message in (({"mode": "PYNATIVE"}, "context.mode PYNATIVE: MindSpore's execution mode"),
+                             ({"device_target": "Ascend"}, "context.device_target is Ascend, but --device cpu")):
+        config = yaml.safe_load(write_config(workspace, "context", 1, 2).read_text())
+        config["context"] = context
+        path = workspace / "context.yaml"
+        path.write_text(yaml.safe_dump(config))
+        assert main(["--device", "cpu", "--config", str(path)]) == 1
+        assert message in capsys.readouterr().err
