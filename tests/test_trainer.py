@@ -311,3 +311,20 @@ def test_a_full_disk_during_a_checkpoint_is_an_error_and_leaves_no_partial_check
     assert "writing the step 2 checkpoint failed (" in message and "File too large" in message
     assert "the previous checkpoint is kept" in message
     assert list((tmp_path / "full" / "checkpoints").iterdir()) == []
+
+
+def test_corrupt_checkpoint_files_are_named_on_resume(work, reference, backend, tmp_path):
+    import shutil
+    out = tmp_path / "copy"
+    shutil.copytree(reference[backend], out)
+    config = write_config(tmp_path, "copy", steps=8, model={"path": str(work / "init")},
+                          train_dataset={"data_dir": str(work / "data")})
+    state = out / "checkpoints" / "step-000006" / "trainer_state.json"
+    text = state.read_text()
+    state.write_text(text[:len(text) // 2])
+    assert f"{state}:" in error_of(run(backend, config, "--resume", ok=False))
+    state.write_text(text)
+    moments = out / "checkpoints" / "step-000006" / ("optimizer.pt" if backend == "torch" else "optimizer.ckpt")
+    moments.write_bytes(moments.read_bytes()[:100])
+    message = error_of(run(backend, config, "--resume", ok=False))
+    assert f"{moments}: unreadable" in message
