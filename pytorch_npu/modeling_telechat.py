@@ -192,7 +192,10 @@ class TelechatModel(TelechatPreTrainedModel):
         self.word_embeddings = embeddings
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, **kwargs) -> BaseModelOutputWithPast:
+                inputs_embeds=None, use_cache=None, rope_length: int | None = None, **kwargs) -> BaseModelOutputWithPast:
+        """rope_length: the sequence length whose NTK regime (base, mscale) the rotary tables use, when it is longer
+        than cache + input; a prompt prefilled in chunks passes its whole length, so that every chunk is rotated as
+        one forward over the prompt would rotate it."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
@@ -209,7 +212,7 @@ class TelechatModel(TelechatPreTrainedModel):
         if position_ids is None:
             # Left padding: a row's first real token is position 0, as generate() numbers it.
             position_ids = ((attention_mask != 0).long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
-        cos, sin = self.rotary_emb(position_ids, total, x.dtype)
+        cos, sin = self.rotary_emb(position_ids, max(total, rope_length or 0), x.dtype)
         if attention_mask.shape[1] != total:
             raise ValueError(f"attention_mask covers {attention_mask.shape[1]} positions, but cache and input hold "
                              f"{total}")
@@ -276,7 +279,8 @@ class TelechatForCausalLM(TelechatPreTrainedModel, GenerationMixin):
         """`labels` as in transformers (shifted inside, -100 ignored); `loss_mask` (1 = counts) zeroes further
         positions of `labels`, for SFT data that marks answers with a mask rather than with -100."""
         out = self.transformer(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                               past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache)
+                               past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                               rope_length=kwargs.get("rope_length"))
         hidden = out.last_hidden_state
         logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         loss = None

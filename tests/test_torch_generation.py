@@ -4,6 +4,8 @@ import pytest
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from isolated import run_isolated
+
 import pytorch_npu.modeling_telechat  # noqa: F401  (registers model_type "telechat")
 from pytorch_npu import TelechatForCausalLM
 from pytorch_npu.modeling_telechat import TelechatCache, TelechatCacheLayer
@@ -177,3 +179,37 @@ def test_cache_with_gradients_falls_back_to_concatenation(model):
     model.zero_grad()
     assert grads[0].norm() > 0
     assert (grads[1] - grads[0]).norm() / grads[0].norm() < 1e-5  # fp32 rounding; the grads reach ~170
+
+
+LONG_PROMPT = """
+    import resource, sys, torch
+    from pytorch_npu import TelechatConfig, TelechatForCausalLM
+    from pytorch_npu.inference import prefill
+    from telechat_ascend.config import TeleChatConfig
+    torch.manual_seed(0)
+    values = {**TeleChatConfig.preset("tiny").to_dict(), "n_layer": 1, "hidden_size": 64, "n_head": 2,
+              "ffn_hidden_size": 128, "training_seqlen": 4096, "base_seqlen": 4096}
+    model = TelechatForCausalLM(TelechatConfig(**values)).eval()
+    ids = torch.randint(4, 4000, (int(sys.argv[1]),)).tolist()
+    chunk = int(sys.argv[2])
+    with torch.no_grad():
+        if chunk:
+            logits, cache = prefill(model, ids, chunk)
+            assert cache.get_seq_length() == len(ids)
+        else:
+            logits = model(torch.tensor([ids]), logits_to_keep=1, use_cache=False).logits[0, -1]
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024, *logits.tolist())
+"""
+
+
+def test_chunked_prefill_of_a_32k_prompt_equals_one_forward_in_bounded_memory():
+    """A 32768-token prompt, 8x the model's training length (so the NTK base and mscale are those of 32K), fed in
+    chunks: the next-token logits equal one full forward's, and peak memory follows the chunk size, not the prompt
+    length squared. Each run is a child process, for its own peak RSS."""
+    runs = {}
+    for chunk in (0, 2048, 256):
+        peak, *logits = run_isolated(LONG_PROMPT, "32768", str(chunk), threads=2).split()
+        runs[chunk] = int(peak), torch.tensor([float(v) for v in logits])
+    for chunk in (2048, 256):
+        torch.testing.assert_close(runs[chunk][1], runs[0][1], rtol=0, atol=1e-5)
+    assert runs[256][0] < runs[2048][0] < runs[0][0], {c: r[0] for c, r in runs.items()}
