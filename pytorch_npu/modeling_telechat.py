@@ -47,7 +47,12 @@ class TelechatRotaryEmbedding(nn.Module):
         self.core = config.telechat
         self.fp16_tables = config.telechat.fp16_rope_tables
 
-    def forward(self, position_ids: torch.Tensor, total_length: int, dtype: torch.dtype):
+    def forward(self, position_ids: torch.Tensor, total_length: int | list[int], dtype: torch.dtype):
+        """total_length: the sequence length whose NTK regime applies, or one per row (rows of different lengths
+        decoded together, as the serving engine does)."""
+        if isinstance(total_length, list):  # row by row, each exactly as a batch of one would be rotated
+            rows = [self(position_ids[i:i + 1], n, dtype) for i, n in enumerate(total_length)]
+            return tuple(torch.cat(tables) for tables in zip(*rows))
         base, mscale = self.core.rope_scaling(total_length)
         dim = self.core.head_dim
         inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, device=position_ids.device).float() / dim))
@@ -195,7 +200,9 @@ class TelechatModel(TelechatPreTrainedModel):
                 inputs_embeds=None, use_cache=None, rope_length: int | None = None, **kwargs) -> BaseModelOutputWithPast:
         """rope_length: the sequence length whose NTK regime (base, mscale) the rotary tables use, when it is longer
         than cache + input; a prompt prefilled in chunks passes its whole length, so that every chunk is rotated as
-        one forward over the prompt would rotate it."""
+        one forward over the prompt would rotate it; a list gives each row its own (rows of different lengths).
+        attention_mask: [B, total] segment ids (0 = padding), or a bool [B, 1, length, total] mask, True where a
+        query must not see a key (the serving engine's rows, whose cached lengths differ)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
@@ -212,11 +219,12 @@ class TelechatModel(TelechatPreTrainedModel):
         if position_ids is None:
             # Left padding: a row's first real token is position 0, as generate() numbers it.
             position_ids = ((attention_mask != 0).long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
-        cos, sin = self.rotary_emb(position_ids, max(total, rope_length or 0), x.dtype)
-        if attention_mask.shape[1] != total:
-            raise ValueError(f"attention_mask covers {attention_mask.shape[1]} positions, but cache and input hold "
+        cos, sin = self.rotary_emb(position_ids, rope_length if isinstance(rope_length, list)
+                                   else max(total, rope_length or 0), x.dtype)
+        if attention_mask.shape[-1] != total:
+            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions, but cache and input hold "
                              f"{total}")
-        mask = _segment_mask(attention_mask, length)
+        mask = attention_mask if attention_mask.dim() == 4 else _segment_mask(attention_mask, length)
         for block in self.h:
             x = block(x, cos, sin, mask, past_key_values if use_cache else None)
         return BaseModelOutputWithPast(last_hidden_state=self.ln_f(x),

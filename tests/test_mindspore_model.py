@@ -224,28 +224,3 @@ def test_keyed_dropout_masks_are_the_hash_of_row_key_site_and_index():
     assert not np.array_equal(out == 0, other_site == 0)
     big = keyed_dropout(ops.ones((4, 64, 1024), mindspore.float32), 0.1, mindspore.Tensor(np.arange(4)), 0)
     assert abs(float((big.asnumpy() == 0).mean()) - 0.1) < 0.005
-
-
-@pytest.mark.parametrize("seed", range(12))
-def test_process_logits_matches_transformers_processors(seed):
-    """MindSpore sampling's score processing against transformers' own processors (repetition penalty, then
-    temperature, top-k and top-p), on random logits, histories and settings."""
-    from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
-                                                        TopKLogitsWarper, TopPLogitsWarper)
-    from mindspore_impl.generate import process_logits
-    rng = np.random.default_rng(seed)
-    logits = (rng.standard_normal((3, 50)) * 3).astype(np.float32)
-    rows = rng.integers(0, 50, (3, 7))
-    temperature, top_k = float(rng.uniform(0.3, 2.0)), int(rng.choice([0, 1, 5, 20]))
-    top_p, penalty = float(rng.choice([1.0, 0.9, 0.5, 0.1])), float(rng.choice([1.0, 1.3, 0.7]))
-    scores, ids = torch.from_numpy(logits.copy()), torch.from_numpy(rows)
-    if penalty != 1.0:
-        scores = RepetitionPenaltyLogitsProcessor(penalty)(ids, scores)
-    for processor in ((TemperatureLogitsWarper(temperature),) + ((TopKLogitsWarper(top_k),) if top_k else ())
-                      + ((TopPLogitsWarper(top_p),) if top_p < 1.0 else ())):
-        scores = processor(ids, scores)
-    expected = scores.numpy()
-    got = process_logits(logits, rows, True, temperature, top_k, top_p, penalty)
-    np.testing.assert_array_equal(np.isinf(got), np.isinf(expected))
-    finite = np.isfinite(expected)
-    np.testing.assert_allclose(got[finite], expected[finite], rtol=1e-6)

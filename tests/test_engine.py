@@ -1,0 +1,123 @@
+"""The serving engine (telechat_ascend.engine) on the PyTorch backend's runner, fp32 on CPU: continuous batching
+must not change a request's tokens. References: transformers' generate() one request at a time, and the engine
+serving one request at a time."""
+
+import json
+
+import pytest
+import torch
+
+from pytorch_npu.inference import load_model
+from pytorch_npu.serving import TorchBatchRunner
+from telechat_ascend.engine import Engine, QueueFull, SamplingParams
+from telechat_ascend.errors import TeleChatError
+from telechat_ascend.initialize import init_checkpoint
+
+TEXTS = ["你好", "什么是5G？请详细说明一下", "a b c d e f g", "hello world, this is", "中国电信的网络", "x",
+         "1 2 3 4 5 6 7 8 9 10 11 12", "天气怎么样"]
+MAX_TOKENS = [40, 27, 60, 13, 35, 29, 31, 25]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A randomly initialised tiny model (it rarely emits the end token, so answers run to max_tokens) whose
+    training length is 48, so that the longer requests below run past it and into the NTK regime."""
+    folder = tmp_path_factory.mktemp("engine") / "tiny"
+    init_checkpoint("tiny", folder, seed=3)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "training_seqlen": 48, "base_seqlen": 48}))
+    model, tokenizer = load_model(folder)
+    return model, tokenizer
+
+
+def hf_greedy(model, tokenizer, ids, max_new_tokens):
+    out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                         max_new_tokens=max_new_tokens, do_sample=False, repetition_penalty=1.0,
+                         eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+    return out[0, len(ids):].tolist()
+
+
+def engine_for(served, **kwargs):
+    model, tokenizer = served
+    return Engine(TorchBatchRunner(model, kwargs.pop("rows", 8)), tokenizer, **kwargs)
+
+
+def test_batched_greedy_answers_equal_one_at_a_time(served):
+    """Eight requests arriving one per step, prefilled 3 tokens at a time between decode steps, joining and leaving
+    the batch: each gets generate()'s greedy tokens, also the ones that run past the training length."""
+    model, tokenizer = served
+    prompts = [tokenizer.encode(text) for text in TEXTS]
+    expected = [hf_greedy(model, tokenizer, p, n) for p, n in zip(prompts, MAX_TOKENS)]
+    engine = engine_for(served, prefill_chunk=3)
+    requests = []
+    for prompt, n in zip(prompts, MAX_TOKENS):
+        requests.append(engine.submit(prompt, SamplingParams(max_tokens=n)))
+        engine.step()
+    while engine.busy:
+        engine.step()
+    assert [r.output for r in requests] == expected
+    assert max(engine.batch_sizes) >= 6 and engine.batch_sizes.count(1) < len(engine.batch_sizes) // 2
+    assert max(len(p) + n for p, n in zip(prompts, MAX_TOKENS)) > 48  # some rows decode in the NTK regime
+    alone = [engine_for(served).generate(p, SamplingParams(max_tokens=n)).output for p, n in zip(prompts, MAX_TOKENS)]
+    assert alone == expected
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(served):
+    _, tokenizer = served
+    params = dict(max_tokens=20, do_sample=True, temperature=0.8, top_k=50, top_p=0.9, repetition_penalty=1.1)
+    prompt = tokenizer.encode("天气怎么样")
+    alone = engine_for(served).generate(prompt, SamplingParams(**params, seed=7)).output
+    engine = engine_for(served)
+    others = [engine.submit(tokenizer.encode(t), SamplingParams(**params, seed=i)) for i, t in enumerate(TEXTS[:5])]
+    engine.step()
+    mine = engine.submit(prompt, SamplingParams(**params, seed=7))
+    while engine.busy:
+        engine.step()
+    assert mine.output == alone
+    assert len({tuple(r.output) for r in others}) > 1  # different seeds, different draws
+
+
+def test_streamed_events_add_up_and_stop_strings_cut(served):
+    _, tokenizer = served
+    prompt = tokenizer.encode("hello world, this is")
+    full = engine_for(served).generate(prompt, SamplingParams(max_tokens=30))
+    stop = full.text[10:13]
+    engine = engine_for(served)
+    request = engine.submit(prompt, SamplingParams(max_tokens=30, stop=(stop,)))
+    streamed, reasons = "", []
+    while engine.busy:
+        engine.step()
+        for event in request.next_events(timeout=0):
+            streamed += event.text
+            reasons.append(event.finish_reason)
+    assert request.finish_reason == "stop" and reasons[-1] == "stop" and reasons.count("stop") == 1
+    assert request.text == streamed == full.text[:full.text.index(stop)]
+    assert full.finish_reason == "length" and len(full.output) == 30
+
+
+def test_a_cancelled_request_frees_its_row_and_leaves_the_others_alone(served):
+    model, tokenizer = served
+    prompts = [tokenizer.encode(t) for t in TEXTS[:3]]
+    engine = engine_for(served)
+    requests = [engine.submit(p, SamplingParams(max_tokens=25)) for p in prompts]
+    for _ in range(12):
+        engine.step()
+    assert len(engine.running) == 3
+    engine.cancel(requests[0])
+    engine.step()
+    assert len(engine.running) == 2 and requests[0].finish_reason == "cancelled"
+    while engine.busy:
+        engine.step()
+    assert [r.output for r in requests[1:]] == [hf_greedy(model, tokenizer, p, 25) for p in prompts[1:]]
+
+
+def test_queue_and_length_limits(served):
+    _, tokenizer = served
+    engine = engine_for(served, max_queue=2, max_model_len=64)
+    engine.submit([5, 6], SamplingParams(max_tokens=4))
+    engine.submit([5, 6], SamplingParams(max_tokens=4))
+    with pytest.raises(QueueFull, match=r"2 requests are waiting \(max_queue 2\)"):
+        engine.submit([5, 6], SamplingParams(max_tokens=4))
+    with pytest.raises(TeleChatError, match="the prompt has 60 tokens and max_tokens is 10: 70 is more than the "
+                                            "server's max_model_len 64"):
+        engine.submit([5] * 60, SamplingParams(max_tokens=10))
