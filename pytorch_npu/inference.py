@@ -52,3 +52,9 @@ def generate_text(model, tokenizer: TeleChatTokenizer, prompt: str, **generate_k
 def chat_session(model, tokenizer: TeleChatTokenizer, questions, out=None, **generate_kwargs) -> list[dict]:
     return shared_chat_session(lambda question, history: model.chat(tokenizer, question, history, stream=True,
                                                                    **generate_kwargs), questions, out)
+
+
+def batch_runner(model, rows: int):
+    """The serving engine's runner over this model (telechat_ascend.engine.BatchRunner)."""
+    from pytorch_npu.serving import TorchBatchRunner
+    return TorchBatchRunner(model, rows)

@@ -106,6 +106,32 @@ def _chat(args: argparse.Namespace) -> None:
     inference.chat_session(model, tokenizer, questions, **kwargs)
 
 
+def _serve(args: argparse.Namespace) -> None:
+    import uvicorn
+    from telechat_ascend.chat import GENERATION_DEFAULTS
+    from telechat_ascend.engine import Engine
+    from telechat_ascend.files import read_json_object
+    from telechat_ascend.server import create_app
+    for name in ("max_batch_size", "max_queue", "prefill_chunk", "port"):
+        if getattr(args, name) < 1:
+            raise TeleChatError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    inference = backend(args.backend).load()
+    if not hasattr(inference, "batch_runner"):
+        raise TeleChatError(f"--backend {args.backend} has no serving runner yet; serve with --backend torch")
+    config = TeleChatConfig.from_file(args.model)
+    defaults = check_generation({**GENERATION_DEFAULTS,
+                                 **read_json_object(args.model / "generation_config.json", missing_ok=True)})
+    model, tokenizer = inference.load_model(args.model, args.device, args.dtype)
+    max_model_len = args.max_model_len or config.seq_length or config.training_seqlen
+    engine = Engine(inference.batch_runner(model, args.max_batch_size), tokenizer, args.max_batch_size,
+                    args.max_queue, max_model_len, args.prefill_chunk)
+    app = create_app(engine, tokenizer, args.served_model_name or args.model.name, defaults, config.seq_length,
+                     args.api_key)
+    print(f"serving {args.model} ({args.backend}, max batch {args.max_batch_size}, max_model_len {max_model_len}) on "
+          f"http://{args.host}:{args.port}", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
 def _parity(args: argparse.Namespace) -> int:
     from telechat_ascend import parity
     if args.backends:
@@ -135,7 +161,7 @@ def _bench(args: argparse.Namespace) -> None:
     print(throughput.report(run, TeleChatConfig.load(args.model), peak, args.compare))
 
 
-def _add_inference_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_inference_arguments(parser: argparse.ArgumentParser, generation: bool = True) -> None:
     names = list(backends())
     parser.add_argument("--backend", choices=names, default="torch" if "torch" in names else None,
                         required="torch" not in names, help="the installed backends (entry points)")
@@ -143,6 +169,8 @@ def _add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda[:N], npu[:N] or auto")
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
                         help="default: the chip's preferred dtype")
+    if not generation:
+        return
     parser.add_argument("--max-new-tokens", type=int, default=None)
     parser.add_argument("--do-sample", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--temperature", type=float, default=None)
@@ -192,6 +220,19 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--question", action="append",
                       help="a question (repeat for a multi-turn chat); default: one question per stdin line")
     chat.set_defaults(run=_chat)
+
+    serve = commands.add_parser("serve", help="an OpenAI-compatible server with continuous batching")
+    _add_inference_arguments(serve, generation=False)
+    serve.add_argument("--host", default="127.0.0.1", help="default: loopback only")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together")
+    serve.add_argument("--max-queue", type=int, default=64, help="waiting requests; past it: 429")
+    serve.add_argument("--max-model-len", type=int, default=None,
+                       help="prompt + answer tokens per request (default: config seq_length or training_seqlen)")
+    serve.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens prefilled per engine step")
+    serve.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY")
+    serve.add_argument("--served-model-name", default=None, help="the model id clients use (default: folder name)")
+    serve.set_defaults(run=_serve)
 
     from telechat_ascend.data import add_prepare_data_parser
     add_prepare_data_parser(commands)
