@@ -68,3 +68,9 @@ def chat_session(model, tokenizer: TeleChatTokenizer, questions, out=None, max_n
     return shared_chat_session(lambda question, history: chat(model, tokenizer, question, history, settings,
                                                               stream=True, max_new_tokens=max_new_tokens),
                                questions, out)
+
+
+def batch_runner(model, rows: int):
+    """The serving engine's runner over this model (telechat_ascend.engine.BatchRunner)."""
+    from mindspore_impl.serving import MindSporeBatchRunner
+    return MindSporeBatchRunner(model, rows)

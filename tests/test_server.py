@@ -219,3 +219,15 @@ def test_api_key_and_a_full_queue(model):
         assert body["choices"][0]["finish_reason"] == "length"
     finally:
         guarded.close()
+
+
+def test_the_mindspore_backend_serves_the_same_greedy_answers(model, server):
+    ms_server = Server(model, "--backend", "mindspore", "--max-model-len", "512")
+    try:
+        for question in ("你好", "什么是5G？"):
+            body = {"messages": [{"role": "user", "content": question}], "max_tokens": 12, "temperature": 0}
+            torch_answer = server.post("/v1/chat/completions", body).json()["choices"][0]["message"]["content"]
+            ms_answer = ms_server.post("/v1/chat/completions", body).json()["choices"][0]["message"]["content"]
+            assert ms_answer == torch_answer
+    finally:
+        ms_server.close()
