@@ -83,6 +83,7 @@ class Request:
     first_token_at: float | None = None
 
     def __post_init__(self):
+        self.listener = None  # called (from the engine's thread) whenever events were queued: an async waker
         self.sent = 0  # characters of `text` already queued as events
         self.events: deque[Event] = deque()
         self.ready = threading.Condition()
@@ -96,7 +97,7 @@ class Request:
     def next_events(self, timeout: float | None = None) -> list[Event]:
         """What the engine produced since the last call (waits up to `timeout` for something)."""
         with self.ready:
-            if not self.events and not self.finished:
+            if not self.events and not self.finished and timeout != 0:
                 self.ready.wait(timeout)
             events = list(self.events)
             self.events.clear()
@@ -122,7 +123,7 @@ class Engine:
 
     # ---- requests ---------------------------------------------------------------------------------------------
 
-    def submit(self, prompt: list[int], params: SamplingParams) -> Request:
+    def submit(self, prompt: list[int], params: SamplingParams, listener=None) -> Request:
         if not prompt:
             raise TeleChatError("the prompt is empty")
         if len(prompt) + params.max_tokens > self.max_model_len:
@@ -130,6 +131,7 @@ class Engine:
                                 f"{len(prompt) + params.max_tokens} is more than the server's max_model_len "
                                 f"{self.max_model_len}")
         request = Request(list(prompt), params, key=next(self.keys))
+        request.listener = listener
         with self.lock:
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting (max_queue {self.max_queue})")
@@ -232,6 +234,8 @@ class Engine:
             request.ready.notify_all()
         if finish:
             self._finish(request, finish)
+        elif request.listener:
+            request.listener()
 
     def _finish(self, request: Request, reason: str) -> None:
         with request.ready:
@@ -242,6 +246,8 @@ class Engine:
                 request.events.append(Event("", None, reason))
             request.ready.notify_all()
         self.decoders.pop(request.key, None)
+        if request.listener:
+            request.listener()
 
     def _leave(self, row: int) -> None:
         last = len(self.running) - 1

@@ -28,7 +28,7 @@ from telechat_ascend.openai_api import ApiError, chat_completion, text_completio
 from telechat_ascend.telechat_api import FAILED, DialogRequestError, error_body, parse_dialog_request
 
 MAX_BODY_BYTES = 1 << 20
-POLL_SECONDS = 0.02
+DISCONNECT_CHECK_SECONDS = 0.5
 
 
 class Metrics:
@@ -85,21 +85,24 @@ def create_app(engine: Engine, tokenizer, model_name: str, defaults: dict, seq_l
             raise ApiError(400, f"the body is not valid JSON ({exc})") from None
 
     def submit(prompt: list[int], params) -> Request:
+        loop, woken = asyncio.get_running_loop(), asyncio.Event()
         try:
-            request = engine.submit(prompt, params)
+            request = engine.submit(prompt, params, listener=lambda: loop.call_soon_threadsafe(woken.set))
         except QueueFull as exc:
             raise ApiError(429, f"the server is busy: {exc}; retry later", kind="rate_limit_error",
                            headers={"Retry-After": "1"}) from None
         except TeleChatError as exc:
             raise ApiError(400, str(exc), "max_tokens" if "max_tokens" in str(exc) else "messages") from None
         metrics.queue.set(len(engine.waiting))
+        request.woken = woken
         return request
 
     async def events(request: Request, http: HttpRequest):
         """The request's events as they come; a client that went away cancels it (its row is freed)."""
         try:
             while True:
-                batch = await asyncio.to_thread(request.next_events, POLL_SECONDS * 5)
+                request.woken.clear()  # before draining, so a wake-up during the drain is not lost
+                batch = request.next_events(timeout=0)
                 metrics.batch.set(len(engine.running))
                 metrics.queue.set(len(engine.waiting))
                 for event in batch:
@@ -108,6 +111,11 @@ def create_app(engine: Engine, tokenizer, model_name: str, defaults: dict, seq_l
                     yield event
                 if request.finished and not request.events:
                     return
+                if not batch:
+                    try:  # the engine thread wakes us as soon as there is more; the timeout checks the client
+                        await asyncio.wait_for(request.woken.wait(), DISCONNECT_CHECK_SECONDS)
+                    except asyncio.TimeoutError:
+                        pass
                 if await http.is_disconnected():
                     engine.cancel(request)
                     return
