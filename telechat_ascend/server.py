@@ -14,12 +14,13 @@ import json
 import threading
 import time
 import uuid
+from pathlib import Path
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi import Request as HttpRequest
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from telechat_ascend.engine import Engine, QueueFull, Request
@@ -29,6 +30,7 @@ from telechat_ascend.telechat_api import FAILED, DialogRequestError, error_body,
 
 MAX_BODY_BYTES = 1 << 20
 DISCONNECT_CHECK_SECONDS = 0.5
+CHAT_PAGE = Path(__file__).parent / "assets" / "chat.html"  # the web chat page: no CDN, works offline
 
 
 class Metrics:
@@ -182,6 +184,10 @@ def create_app(engine: Engine, tokenizer, model_name: str, defaults: dict, seq_l
     @app.post("/v1/completions")
     async def completions(http: HttpRequest):
         return await openai(http, "completions", chat=False)
+
+    @app.get("/")
+    async def chat_page():
+        return HTMLResponse(CHAT_PAGE.read_text(encoding="utf-8"))
 
     @app.get("/v1/models")
     async def models():

@@ -231,3 +231,49 @@ def test_the_mindspore_backend_serves_the_same_greedy_answers(model, server):
             assert ms_answer == torch_answer
     finally:
         ms_server.close()
+
+
+def test_web_chat_page_in_a_real_browser(server, tmp_path):
+    """Headless Chromium (Debian's package) driven by Playwright: two turns typed into the page, each streamed
+    answer rendered equal to the API's greedy answer for the same turns; a screenshot is kept for a person."""
+    import shutil
+    from playwright.sync_api import sync_playwright
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:  # .ci/run installs it; a user's machine may lack it
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+    openai = client(server)
+    first = openai.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "你好"}],
+                                           max_tokens=16, temperature=0).choices[0].message.content
+    second = openai.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "你好"}, {"role": "assistant", "content": first},
+                                {"role": "user", "content": "什么是5G？"}],
+        max_tokens=16, temperature=0).choices[0].message.content
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        page = browser.new_page()
+        page.goto(server.url + "/")
+        page.fill("#max_tokens", "16")
+        page.fill("#temperature", "0")
+        for number, question in enumerate(("你好", "什么是5G？"), start=1):
+            page.fill("#question", question)
+            page.click("#send")
+            page.wait_for_selector(f".turn.bot:nth-of-type({2 * number})[data-done]", timeout=60000)
+        answers = page.locator(".turn.bot").all_text_contents()
+        questions = page.locator(".turn.user").all_text_contents()
+        screenshot = REPO / "runs" / "screenshots"
+        screenshot.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(screenshot / "chat-page.png"))
+        # The stop button ends a long answer, and the server frees its row.
+        page.fill("#max_tokens", "400")
+        page.fill("#question", "再说一遍")
+        page.click("#send")
+        page.wait_for_function("document.querySelectorAll('.turn.bot')[2].textContent.length > 0", timeout=60000)
+        page.click("#stop")
+        page.wait_for_selector(".turn.bot:nth-of-type(6)[data-done='stopped']", timeout=10000)
+        browser.close()
+    deadline = time.time() + 20
+    while httpx.get(f"{server.url}/health").json()["running"]:
+        assert time.time() < deadline, "the stopped answer still holds its row"
+        time.sleep(0.2)
+    assert questions == ["你好", "什么是5G？"]
+    assert answers == [first, second]
