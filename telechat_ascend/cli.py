@@ -139,10 +139,15 @@ def _parity(args: argparse.Namespace) -> int:
             raise TeleChatError("--backends needs --model DIR and --data DIR (prepare-data shards)")
         backends = tuple(args.backends.split(","))
         labels = backends
-        result = parity.run_backends(args.model, args.data, args.steps, args.out, backends)
+        result = parity.run_backends(args.model, args.data, args.steps or 10, args.out, backends)
     elif args.log and args.reference:
         labels = (str(args.log), str(args.reference))
-        result = parity.compare_losses(parity.read_losses(args.log), parity.read_losses(args.reference))
+        run, reference = parity.read_losses(args.log), parity.read_losses(args.reference)
+        if args.steps is not None:
+            if args.steps < 1:
+                raise TeleChatError(f"--steps must be >= 1, got {args.steps}")
+            run, reference = ({s: v for s, v in log.items() if s <= args.steps} for log in (run, reference))
+        result = parity.compare_losses(run, reference)
     else:
         raise TeleChatError("give --log RUN_LOG --reference REFERENCE_LOG, or --backends torch,mindspore --model DIR "
                             "--data DIR")
@@ -243,7 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     parity.add_argument("--backends", help="(a) train both, e.g. torch,mindspore, and compare their losses")
     parity.add_argument("--model", type=Path, help="with --backends: the HF folder both start from")
     parity.add_argument("--data", type=Path, help="with --backends: prepare-data shards")
-    parity.add_argument("--steps", type=int, default=10, help="with --backends: optimizer steps")
+    parity.add_argument("--steps", type=int, default=None,
+                        help="with --backends: optimizer steps to train (default 10); with --log: compare only the "
+                             "first N steps")
     parity.add_argument("--out", type=Path, default=Path("runs/parity"), help="with --backends: the runs' folder")
     parity.add_argument("--plot", type=Path, help="write both curves and their difference to this PNG")
     parity.add_argument("--json", type=Path, help="write the verdict to this JSON file")

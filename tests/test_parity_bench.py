@@ -66,6 +66,11 @@ def test_parity_cli_writes_plot_and_verdict_and_sets_the_exit_code(tmp_path, cap
     assert verdict["passed"] is True and verdict["max_abs_difference"] == pytest.approx(0.005)
     assert main(["parity", "--log", str(bad), "--reference", str(reference)]) == 1
     assert capsys.readouterr().out.startswith("FAIL")
+    # --steps N compares the first N steps only (the bad log drifts by 0.01 a step)
+    assert main(["parity", "--log", str(bad), "--reference", str(reference), "--steps", "1"]) == 0
+    assert capsys.readouterr().out.startswith("PASS: 1 common steps")
+    assert main(["parity", "--log", str(bad), "--reference", str(reference), "--steps", "0"]) == 1
+    assert "--steps must be >= 1" in capsys.readouterr().err
 
 
 def test_bench_scales_the_published_figures_and_computes_mfu(tmp_path, capsys):
