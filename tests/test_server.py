@@ -277,3 +277,31 @@ def test_web_chat_page_in_a_real_browser(server, tmp_path):
         time.sleep(0.2)
     assert questions == ["你好", "什么是5G？"]
     assert answers == [first, second]
+
+
+def test_a_client_that_never_reads_its_stream_blocks_no_one(server):
+    """A streaming client that sends its request and then reads nothing: the others are served meanwhile."""
+    with socket.create_connection(("127.0.0.1", server.port)) as idle:
+        body = json.dumps({"messages": QUESTION, "max_tokens": 300, "temperature": 0, "stream": True}).encode()
+        idle.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        began = time.time()
+        answer = client(server).chat.completions.create(model="tiny", messages=QUESTION, max_tokens=8,
+                                                        temperature=0)
+        assert answer.choices[0].finish_reason == "length" and time.time() - began < 30
+
+
+def test_an_int8_folder_serves_the_chat_command_s_answer(model, tmp_path):
+    from telechat_ascend.cli import main
+    assert main(["quantize", "--method", "w8a16", "--model", str(model), "--out", str(tmp_path / "w8a16")]) == 0
+    done = subprocess.run([sys.executable, "-m", "telechat_ascend.cli", "chat", "--model", str(tmp_path / "w8a16"),
+                           "--question", "你好", "--max-new-tokens", "12", "--no-do-sample"],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    int8 = Server(tmp_path / "w8a16")
+    try:
+        answer = int8.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "你好"}],
+                                                    "max_tokens": 12, "temperature": 0}).json()
+        assert answer["choices"][0]["message"]["content"] == done.stdout.splitlines()[0]
+    finally:
+        int8.close()
