@@ -38,6 +38,17 @@ def hf_greedy(model, tokenizer, ids, max_new_tokens):
     return out[0, len(ids):].tolist()
 
 
+def arriving_one_per_step(engine, prompts, limits) -> list[list[int]]:
+    """Greedy answers of requests submitted one per engine step, served to the end."""
+    requests = []
+    for prompt, n in zip(prompts, limits):
+        requests.append(engine.submit(prompt, SamplingParams(max_tokens=n)))
+        engine.step()
+    while engine.busy:
+        engine.step()
+    return [r.output for r in requests]
+
+
 def engine_for(served, **kwargs):
     model, tokenizer = served
     return Engine(TorchBatchRunner(model, kwargs.pop("rows", 8)), tokenizer, **kwargs)
@@ -50,13 +61,7 @@ def test_batched_greedy_answers_equal_one_at_a_time(served):
     prompts = [tokenizer.encode(text) for text in TEXTS]
     expected = [hf_greedy(model, tokenizer, p, n) for p, n in zip(prompts, MAX_TOKENS)]
     engine = engine_for(served, prefill_chunk=3)
-    requests = []
-    for prompt, n in zip(prompts, MAX_TOKENS):
-        requests.append(engine.submit(prompt, SamplingParams(max_tokens=n)))
-        engine.step()
-    while engine.busy:
-        engine.step()
-    assert [r.output for r in requests] == expected
+    assert arriving_one_per_step(engine, prompts, MAX_TOKENS) == expected
     assert max(engine.batch_sizes) >= 6 and engine.batch_sizes.count(1) < len(engine.batch_sizes) // 2
     assert max(len(p) + n for p, n in zip(prompts, MAX_TOKENS)) > 48  # some rows decode in the NTK regime
     alone = [engine_for(served).generate(p, SamplingParams(max_tokens=n)).output for p, n in zip(prompts, MAX_TOKENS)]
@@ -163,10 +168,4 @@ def test_mindspore_runner_batches_to_the_same_tokens_as_pytorch(served):
     limits = MAX_TOKENS[:5]
     expected = [hf_greedy(model, tokenizer, p, n) for p, n in zip(prompts, limits)]
     engine = Engine(ms_inference.batch_runner(ms_model, 8), tokenizer, prefill_chunk=4)
-    requests = []
-    for prompt, n in zip(prompts, limits):
-        requests.append(engine.submit(prompt, SamplingParams(max_tokens=n)))
-        engine.step()
-    while engine.busy:
-        engine.step()
-    assert [r.output for r in requests] == expected and max(engine.batch_sizes) >= 4
+    assert arriving_one_per_step(engine, prompts, limits) == expected and max(engine.batch_sizes) >= 4
