@@ -83,6 +83,8 @@ class Request:
     first_token_at: float | None = None
 
     def __post_init__(self):
+        self.cancel_requested = False
+        self.decoder: IncrementalDecoder | None = None  # set when the first token comes
         self.listener = None  # called (from the engine's thread) whenever events were queued: an async waker
         self.sent = 0  # characters of `text` already queued as events
         self.events: deque[Event] = deque()
@@ -116,7 +118,6 @@ class Engine:
         self.waiting: deque[Request] = deque()
         self.prefilling: Request | None = None
         self.running: list[Request] = []
-        self.decoders: dict[int, IncrementalDecoder] = {}
         self.keys = itertools.count(1)
         self.lock = threading.Lock()  # submit/cancel come from other threads than step
         self.batch_sizes: list[int] = []  # rows of each decode step, for metrics
@@ -145,7 +146,7 @@ class Engine:
                 self.waiting.remove(request)
                 self._finish(request, "cancelled")
             elif not request.finished:
-                request.finish_reason = request.finish_reason or "cancelling"
+                request.cancel_requested = True
 
     @property
     def busy(self) -> bool:
@@ -172,9 +173,8 @@ class Engine:
         if logits is None:
             return
         self.prefilling = None
-        self.decoders[request.key] = IncrementalDecoder(self.tokenizer, {self.tokenizer.eos_id,
-                                                                        self.tokenizer.pad_id})
-        self._emit(request, self._choose(request, logits[None])[0])
+        request.decoder = IncrementalDecoder(self.tokenizer, {self.tokenizer.eos_id, self.tokenizer.pad_id})
+        self._emit(request, self._choose(request, logits))
         if request.finished:
             self.runner.release(request.key)
             return
@@ -185,21 +185,20 @@ class Engine:
         rows = self.running
         self.batch_sizes.append(len(rows))
         logits = self.runner.decode([request.output[-1] for request in rows])
-        tokens = self._choose_rows(rows, logits)
-        for request, token in zip(rows, tokens):
-            self._emit(request, int(token))
+        for request, row_logits in zip(rows, logits):
+            self._emit(request, self._choose(request, row_logits))
         for row in reversed(range(len(rows))):
             if rows[row].finished:
                 self._leave(row)
 
-    def _choose(self, request: Request, logits: np.ndarray) -> np.ndarray:
+    @staticmethod
+    def _choose(request: Request, logits: np.ndarray) -> int:
+        """The request's next token from its logits [vocab], under its own settings and random stream."""
         p = request.params
         history = np.array([request.prompt + request.output])
-        scores = process_logits(logits, history, p.do_sample, p.temperature, p.top_k, p.top_p, p.repetition_penalty)
-        return choose_tokens(scores, p.do_sample, request.rng)
-
-    def _choose_rows(self, rows: list[Request], logits: np.ndarray) -> list[int]:
-        return [int(self._choose(request, logits[i:i + 1])[0]) for i, request in enumerate(rows)]
+        scores = process_logits(logits[None], history, p.do_sample, p.temperature, p.top_k, p.top_p,
+                                p.repetition_penalty)
+        return int(choose_tokens(scores, p.do_sample, request.rng)[0])
 
     def _emit(self, request: Request, token: int) -> None:
         """Appends `token`, decides whether the request ends, and queues the text that is certain: a stop string
@@ -208,7 +207,7 @@ class Engine:
         if request.first_token_at is None:
             request.first_token_at = time.perf_counter()
         request.output.append(token)
-        decoder = self.decoders[request.key]
+        decoder = request.decoder
         finish = None
         if token in self.stop_ids:
             request.text += decoder.flush()
@@ -224,7 +223,7 @@ class Engine:
             if cut >= 0:
                 request.text, finish = request.text[:cut], "stop"
                 break
-        if request.finish_reason == "cancelling":
+        if request.cancel_requested:
             finish = "cancelled"
         hold = 0 if finish else max(map(len, stops), default=1) - 1
         certain = max(request.sent, len(request.text) - hold)
@@ -245,7 +244,6 @@ class Engine:
             else:
                 request.events.append(Event("", None, reason))
             request.ready.notify_all()
-        self.decoders.pop(request.key, None)
         if request.listener:
             request.listener()
 
@@ -259,10 +257,10 @@ class Engine:
     def _retire_cancelled(self) -> None:
         for row in reversed(range(len(self.running))):
             request = self.running[row]
-            if request.finish_reason == "cancelling":
+            if request.cancel_requested:
                 self._finish(request, "cancelled")
                 self._leave(row)
-        if self.prefilling is not None and self.prefilling.finish_reason == "cancelling":
+        if self.prefilling is not None and self.prefilling.cancel_requested:
             self.runner.release(self.prefilling.key)
             self._finish(self.prefilling, "cancelled")
             self.prefilling = None
