@@ -199,9 +199,8 @@ def step_inputs(dataset, plan: Plan, step: int, rank: int, updates: int, scale: 
     global_batch["dropout_keys"] = dropout_row_keys(seed, step, global_rows)
     total_targets = max(target_count(global_batch["labels"]), 1)
     micro_batches = []
-    for rows in order.micro_batches(step, rank):
-        batch = stack_rows(dataset, rows)
-        batch["dropout_keys"] = dropout_row_keys(seed, step, rows)
+    for part in order.micro_slices(rank):  # views of the global batch: its rows are read once
+        batch = {name: array[part] for name, array in global_batch.items()}
         batch["weight"] = target_count(batch["labels"]) / total_targets
         micro_batches.append(batch)
     step_seed = int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0]) % 2 ** 31

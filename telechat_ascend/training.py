@@ -407,11 +407,15 @@ class DataOrder:
         epoch, index = self.position(step)
         return _permutation(self.num_rows, self.seed, epoch)[index * self.global_batch:(index + 1) * self.global_batch]
 
+    def micro_slices(self, rank: int) -> list[slice]:
+        """Where each accumulation step of `rank` sits in the global batch (global_rows)."""
+        b = self.per_device_batch
+        return [slice((m * self.world + rank) * b, (m * self.world + rank + 1) * b) for m in range(self.grad_accum)]
+
     def micro_batches(self, step: int, rank: int) -> list[list[int]]:
         """Row indices of each accumulation step of `rank` at optimizer step `step`."""
-        rows, b = self.global_rows(step), self.per_device_batch
-        return [rows[(m * self.world + rank) * b:(m * self.world + rank + 1) * b].tolist()
-                for m in range(self.grad_accum)]
+        rows = self.global_rows(step)
+        return [rows[part].tolist() for part in self.micro_slices(rank)]
 
 
 def dropout_row_keys(seed: int, step: int, rows) -> np.ndarray:
