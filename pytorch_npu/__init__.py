@@ -6,14 +6,8 @@ loads any TeleChat folder without trust_remote_code. The package itself imports 
 `telechat-ascend` CLI reads pytorch_npu.backend without loading torch.
 """
 
-_LAZY = {"TelechatConfig": "pytorch_npu.configuration_telechat", "TelechatForCausalLM": "pytorch_npu.modeling_telechat",
-         "TelechatModel": "pytorch_npu.modeling_telechat"}
-__all__ = list(_LAZY)
+from telechat_ascend.backends import lazy_exports
 
-
-def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module 'pytorch_npu' has no attribute {name!r}")
-    import importlib
-    import pytorch_npu.modeling_telechat  # noqa: F401  (registers with the Auto classes)
-    return getattr(importlib.import_module(_LAZY[name]), name)
+# All from modeling_telechat, whose import is what registers the Auto classes.
+__all__ = ["TelechatConfig", "TelechatForCausalLM", "TelechatModel"]
+__getattr__ = lazy_exports(__name__, dict.fromkeys(__all__, "pytorch_npu.modeling_telechat"))

@@ -38,6 +38,16 @@ class Backend:
                                 f"{error}") from None
 
 
+def lazy_exports(package: str, exports: dict[str, str]):
+    """A module __getattr__ (PEP 562) for a backend package: `name` is imported from module exports[name] on first
+    use, so importing the package (as the CLI does for its backend.py) loads no framework."""
+    def __getattr__(name: str):
+        if name not in exports:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        return getattr(importlib.import_module(exports[name]), name)
+    return __getattr__
+
+
 @functools.cache
 def backends() -> dict[str, Backend]:
     """The installed backends by name, in the order their packages declare them."""
