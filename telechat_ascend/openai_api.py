@@ -109,21 +109,16 @@ def chat_turns(messages: Any) -> tuple[str, list[dict[str, str]], str]:
     return turns[-1]["content"], turns[:-1], "\n".join(system)
 
 
-def chat_completion(body: Any, tokenizer, defaults: dict, seq_length: int | None,
-                    total_length: int | None = None) -> Completion:
+def chat_completion(body: Any, tokenizer, defaults: dict, seq_length: int | None) -> Completion:
     """The prompt has the budget of `telechat-ascend chat` (seq_length - max_tokens, less what a system text
-    takes); with `total_length` (the published service's max_length), prompt and answer share that many tokens."""
+    takes)."""
     body = _object(body)
     question, history, system = chat_turns(body.get("messages"))
     params = sampling_params(body, defaults)
     prefix = tokenizer.encode(system) if system else []
     try:
-        if total_length is None:
-            prompt = chat_prompt(tokenizer, question, history, seq_length,
-                                 defaults.get("max_length", 8192) - len(prefix), params.max_tokens)
-        else:
-            prompt = chat_prompt(tokenizer, question, history, None, total_length - len(prefix), None)
-            params.max_tokens = max(total_length - len(prefix) - len(prompt), 1)
+        prompt = chat_prompt(tokenizer, question, history, seq_length, defaults.get("max_length", 8192) - len(prefix),
+                             params.max_tokens)
     except TeleChatError as exc:
         raise ApiError(400, f"no room for the prompt: {exc}", "max_tokens") from None
     return Completion(prefix + prompt, params, *_stream_flags(body))

@@ -205,21 +205,14 @@ def create_app(engine: Engine, tokenizer, model_name: str, defaults: dict, seq_l
     async def dialog(http: HttpRequest, endpoint: str):
         """Tele-AI's gptDialog contract: errors as {"code", ...} bodies with HTTP 200, as the published service."""
         try:
-            parsed = parse_dialog_request(await read_json(http))
+            prompt, params = parse_dialog_request(await read_json(http)).prompt_and_params(tokenizer)
         except DialogRequestError as exc:
             metrics.requests.labels(endpoint, str(exc.code)).inc()
             return JSONResponse(exc.body())
         except ApiError as exc:
             return error(exc, endpoint)
-        settings = parsed.settings
-        body = {"messages": [{"role": "assistant" if t["role"] == "bot" else "user", "content": t["content"]}
-                             for t in parsed.history] + [{"role": "user", "content": parsed.question}],
-                "top_k": settings["top_k"], "top_p": settings["top_p"],
-                "repetition_penalty": settings["repetition_penalty"],
-                "temperature": settings["temperature"] if settings["do_sample"] else 0}
-        try:  # max_length is the published chat()'s budget for the prompt and the answer together
-            completion = chat_completion(body, tokenizer, defaults, None, total_length=settings["max_length"])
-            request = submit(completion.prompt, completion.params)
+        try:
+            request = submit(prompt, params)
         except ApiError:
             metrics.requests.labels(endpoint, str(FAILED)).inc()
             return JSONResponse(error_body(FAILED))

@@ -17,6 +17,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from telechat_ascend.chat import chat_prompt
+from telechat_ascend.engine import SamplingParams
 from telechat_ascend.errors import TeleChatError
 
 MISSING_FIELD, BAD_DIALOG, OUT_OF_RANGE, FAILED = 10301, 10904, 10305, 10903
@@ -48,6 +50,18 @@ class DialogRequest:
     question: str
     history: list[dict[str, str]]  # earlier turns, as render_chat takes them
     settings: dict[str, Any]  # do_sample, max_length, top_k, top_p, temperature, repetition_penalty
+
+    def prompt_and_params(self, tokenizer) -> tuple[list[int], SamplingParams]:
+        """The prompt and the engine's settings as the published chat() uses max_length: one budget for the prompt
+        and the answer together."""
+        s = self.settings
+        try:
+            prompt = chat_prompt(tokenizer, self.question, self.history, None, s["max_length"], None)
+        except TeleChatError as exc:
+            raise DialogRequestError(FAILED, f"max_length leaves no room for the prompt: {exc}") from None
+        return prompt, SamplingParams(max_tokens=max(s["max_length"] - len(prompt), 1), do_sample=s["do_sample"],
+                                      temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"],
+                                      repetition_penalty=s["repetition_penalty"])
 
 
 def parse_dialog_request(body: Any) -> DialogRequest:
