@@ -101,25 +101,34 @@ def serve(folder: Path, max_batch: int):
     process = subprocess.Popen([sys.executable, "-m", "telechat_ascend.cli", "serve", "--model", str(folder),
                                 "--port", str(port), "--max-batch-size", str(max_batch), "--max-queue", "256"],
                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return process, wait_until_healthy(process, port, f"the server for {folder}", 180)
+
+
+def wait_until_healthy(process: subprocess.Popen, port: int, what: str, seconds: float) -> str:
+    """The server's URL once its /health answers 200; exits if the process ends or `seconds` pass first."""
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
+    deadline = time.time() + seconds
     while True:
         try:
             if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return process, url
+                return url
         except httpx.TransportError:
             pass
         if process.poll() is not None or time.time() > deadline:
-            raise SystemExit(f"the server for {folder} did not start")
+            raise SystemExit(f"{what} did not start")
         time.sleep(0.5)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def load_arguments(description: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/serve-load"))
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--requests-per-stream", type=int, default=2)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = load_arguments(__doc__)
     args.workdir.mkdir(parents=True, exist_ok=True)
     models = make_models(args.workdir)
     print(f"{'model':6} {'streams':>7} {'req':>4} {'err':>4} {'tok/s':>8} {'req/s':>6} {'ttft p50':>9} "

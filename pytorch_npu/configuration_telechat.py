@@ -25,11 +25,14 @@ class TelechatConfig(PretrainedConfig):
         kwargs.setdefault("bos_token_id", 1)
         kwargs.setdefault("eos_token_id", 2)
         kwargs.setdefault("pad_token_id", 3)
+        # transformers 4 defaults it to True itself; transformers 5 (vLLM's) leaves it unset.
+        kwargs.setdefault("tie_word_embeddings", True)
         super().__init__(**kwargs)
         self.telechat  # validates, naming the field
 
     @property
     def telechat(self) -> TeleChatConfig:
         """The shared config, for the derived values (head_dim, kv_heads, RoPE base and mscale)."""
-        values = {name: getattr(self, name) for name in _MODEL_FIELDS}
+        # transformers 5 drops None-valued fields when a config crosses processes (vLLM's workers).
+        values = {name: getattr(self, name, default) for name, default in _MODEL_FIELDS.items()}
         return TeleChatConfig.from_dict({**values, "tie_word_embeddings": self.tie_word_embeddings})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -17,13 +18,14 @@ from telechat_ascend.weights import hf_name, tensor_specs
 
 
 def init_checkpoint(preset: str, out: str | Path, seed: int = 0, dtype: str = "fp32", force: bool = False,
-                    max_shard_size: str | int = DEFAULT_SHARD_SIZE, progress: bool = False) -> Path:
+                    max_shard_size: str | int = DEFAULT_SHARD_SIZE, progress: bool = False, **overrides) -> Path:
     """Writes config.json, generation_config.json, safetensors weights and, for the tiny presets, the project's own
     tokenizer. Matrices ~ N(0, initializer_range²), biases 0, norms 1, drawn in checkpoint order from one seeded
-    generator in float32 and then cast, so every dtype holds the same values up to rounding."""
+    generator in float32 and then cast, so every dtype holds the same values up to rounding. `overrides` replace
+    config fields of the preset (tests shrink or reshape real presets with them)."""
     if dtype not in DTYPES:
         raise TeleChatError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    config = TeleChatConfig.preset(preset)
+    config = dataclasses.replace(TeleChatConfig.preset(preset), **overrides)
     rng = np.random.default_rng(seed)
     with atomic_output_dir(out, force) as folder:
         writer = hf_writer(folder, parse_size(max_shard_size))

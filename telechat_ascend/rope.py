@@ -25,3 +25,14 @@ def rope_tables(config: TeleChatConfig, position_ids: np.ndarray, total_length: 
             (np.float32(mscale) * t.astype(np.float16).astype(np.float32)).astype(np.float16).astype(np.float32)
             for t in (cos, sin))
     return np.float32(mscale) * cos, np.float32(mscale) * sin
+
+
+def position_rope_tables(config: TeleChatConfig, length: int, fp16_tables: bool = True
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin [length, head_dim] where row p is what the published code rotates the token at position p with when
+    it decodes that token: the NTK regime of a (p + 1)-token sequence. Rows below training_seqlen share one regime.
+    A table for engines that index rotations by position alone (vLLM)."""
+    shared = min(length, config.training_seqlen)
+    tables = [rope_tables(config, np.arange(shared), shared, fp16_tables)]
+    tables += [rope_tables(config, np.array([p]), p + 1, fp16_tables) for p in range(shared, length)]
+    return tuple(np.concatenate(parts) for parts in zip(*tables))

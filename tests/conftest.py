@@ -1,6 +1,7 @@
 """Shared test fixtures. The real published TeleChat files live beside the checkout in `../shared/telechat`; tests
 that need them skip cleanly on a machine that lacks the folder."""
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,9 @@ def tiny_with_dropout(base: Path) -> Path:
     prepare_data(REPO_ROOT / "telechat_ascend" / "assets" / "demo_sft" / "data.json", base / "init", base / "data",
                  64, workers=1, progress=False)
     return base
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -14,16 +14,11 @@ import httpx
 import pytest
 from openai import OpenAI
 
+from conftest import free_port
 from telechat_ascend.initialize import init_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -9,6 +10,7 @@ from transformers import AutoModelForCausalLM
 import pytorch_npu.modeling_telechat  # noqa: F401  (registers model_type "telechat")
 from pytorch_npu import TelechatConfig, TelechatForCausalLM
 from checkpoint_files import write_bin_shards
+from telechat_ascend.config import TeleChatConfig
 from telechat_ascend.initialize import init_checkpoint
 
 # Small enough for a per-position float64 loop, with weights large enough that rounding differences show.
@@ -244,3 +246,17 @@ def test_packed_samples_attend_only_within_their_segment():
                        position_ids=torch.tensor([list(range(len(a))) + list(range(len(b)))])).logits[0]
     assert (packed[:len(a)] - alone_a).abs().max() < 1e-5
     assert (packed[len(a):] - alone_b).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-7B"])
+def test_position_rope_tables_hold_the_published_decode_rotation_of_each_position(preset):
+    """Row p of the table vLLM indexes by position (telechat_ascend.rope.position_rope_tables) is the rotation the
+    published RotaryEmbedding gives position p in a forward call over p + 1 tokens: the token decoded there."""
+    from telechat_ascend.rope import position_rope_tables
+    config = TelechatConfig(**{**TeleChatConfig.preset(preset).to_dict(), "training_seqlen": 16})
+    cos, sin = position_rope_tables(config.telechat, 80)
+    for p in (0, 7, 15, 16, 17, 31, 32, 33, 63, 79):
+        want_cos, want_sin = published_rope_tables(config, p + 1, [p])
+        np.testing.assert_allclose(cos[p], want_cos[0].numpy(), rtol=0, atol=1e-7)
+        np.testing.assert_allclose(sin[p], want_sin[0].numpy(), rtol=0, atol=1e-7)
+    assert not np.allclose(cos[40], published_rope_tables(config, 80, [40])[0][0].numpy())  # not a prompt's table
