@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -42,12 +43,14 @@ def probe(spec: dict) -> dict:
 
 
 def run(spec: dict, env: dict | None = None, timeout: float = 600) -> list[dict]:
-    """probe(spec) in .venv-vllm, from any environment (the main one has no vLLM); a failure raises with vLLM's
-    last output."""
+    """probe(spec) in .venv-vllm, from any environment (the main one has no vLLM); a failure raises with the
+    errors vLLM's processes reported (the first is the cause) and its last output."""
     done = subprocess.run([str(VLLM_PYTHON), "-m", "pytorch_npu.vllm_probe", json.dumps(spec)], capture_output=True,
                           text=True, timeout=timeout, cwd=REPO, env={**os.environ, **(env or {})})
     if done.returncode:
-        raise RuntimeError(f"vLLM exited {done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+        output = done.stdout + done.stderr
+        errors = dict.fromkeys(m.group(0) for m in re.finditer(r"\b\w*(Error|Exception): .*", output))
+        raise RuntimeError(f"vLLM exited {done.returncode}: " + "\n".join(errors) + f"\n{output[-3000:]}")
     line = next(line for line in done.stdout.splitlines() if line.startswith("PROBE "))
     return json.loads(line.removeprefix("PROBE "))["outputs"]
 
