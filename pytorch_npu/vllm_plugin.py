@@ -50,9 +50,8 @@ class TelechatTokenizer(PreTrainedTokenizer):
     def __init__(self, vocab_file: str, **kwargs):
         self.core = TeleChatTokenizer.from_pretrained(Path(vocab_file).parent)
         self.sp = self.core.backend
-        markers = [self.sp.id_to_piece(i) for i in (self.core.user_id, self.core.bot_id)]
-        self._markers = {text: i for text, i in zip(markers, (self.core.user_id, self.core.bot_id))}
-        self._marker_re = re.compile("(" + "|".join(map(re.escape, markers)) + ")")
+        self._markers = {self.sp.id_to_piece(i) for i in (self.core.user_id, self.core.bot_id)}
+        self._marker_re = re.compile("(" + "|".join(map(re.escape, self._markers)) + ")")
         self.vocab_file = vocab_file
         for key in ("add_bos_token", "add_eos_token", "sp_model_kwargs", "use_fast"):
             kwargs.pop(key, None)  # the published defaults (false, false, {}) are the only behaviour

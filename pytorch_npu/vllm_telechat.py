@@ -58,7 +58,7 @@ class TelechatRotaryEmbedding(RotaryEmbedding):
 
 
 class TelechatAttention(nn.Module):
-    def __init__(self, vllm_config: VllmConfig, core: TeleChatConfig, prefix: str):
+    def __init__(self, vllm_config: VllmConfig, core: TeleChatConfig, rotary: TelechatRotaryEmbedding, prefix: str):
         super().__init__()
         tp = get_tensor_model_parallel_world_size()
         if core.n_head % tp or core.kv_heads % tp:
@@ -72,8 +72,7 @@ class TelechatAttention(nn.Module):
                                               quant_config=quant, prefix=f"{prefix}.key_value")
         self.dense = RowParallelLinear(core.hidden_size, core.hidden_size, bias=True, quant_config=quant,
                                        prefix=f"{prefix}.dense")
-        self.rotary_emb = TelechatRotaryEmbedding(core, vllm_config.model_config.max_model_len,
-                                                  vllm_config.model_config.dtype)
+        self.rotary_emb = rotary
         self.attn = Attention(self.heads, self.head_dim, self.head_dim ** -0.5, num_kv_heads=self.kv_heads,
                               cache_config=vllm_config.cache_config, quant_config=quant, prefix=f"{prefix}.attn")
 
@@ -105,10 +104,10 @@ class TelechatMLP(nn.Module):
 
 
 class TelechatBlock(nn.Module):
-    def __init__(self, vllm_config: VllmConfig, core: TeleChatConfig, prefix: str):
+    def __init__(self, vllm_config: VllmConfig, core: TeleChatConfig, rotary: TelechatRotaryEmbedding, prefix: str):
         super().__init__()
         self.input_layernorm = RMSNorm(core.hidden_size, eps=core.layer_norm_epsilon)
-        self.self_attention = TelechatAttention(vllm_config, core, f"{prefix}.self_attention")
+        self.self_attention = TelechatAttention(vllm_config, core, rotary, f"{prefix}.self_attention")
         self.post_attention_layernorm = RMSNorm(core.hidden_size, eps=core.layer_norm_epsilon)
         self.mlp = TelechatMLP(vllm_config, core, f"{prefix}.mlp")
 
@@ -130,7 +129,11 @@ class TelechatModel(nn.Module):
         core = vllm_config.model_config.hf_config.telechat
         self.word_embeddings = VocabParallelEmbedding(core.vocab_size, core.hidden_size,
                                                       quant_config=vllm_config.quant_config)
-        self.h = nn.ModuleList(TelechatBlock(vllm_config, core, f"{prefix}.h.{i}") for i in range(core.n_layer))
+        # One table for all layers (as vLLM's get_rope shares one): it is the same everywhere, and at 12B's 8192
+        # positions a copy per layer would cost 38 builds and ~200 MB.
+        rotary = TelechatRotaryEmbedding(core, vllm_config.model_config.max_model_len, vllm_config.model_config.dtype)
+        self.h = nn.ModuleList(TelechatBlock(vllm_config, core, rotary, f"{prefix}.h.{i}")
+                               for i in range(core.n_layer))
         self.ln_f = RMSNorm(core.hidden_size, eps=core.layer_norm_epsilon)
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
