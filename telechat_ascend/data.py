@@ -10,7 +10,7 @@ Every turn renders as `render_dialog` renders it: [<_user>] q [<_bot>] a [<_end>
 own, so the ids of a record equal render_chat(q_last, history) + a_last + [<_end>]. Blank lines are skipped and
 counted; a bad line raises TeleChatError "file:line: reason" unless skip_bad, which counts it instead.
 
-Pipeline. (1) Every line is parsed, rendered and fitted to seq_len once, by a multiprocessing pool over chunks of
+Pipeline. (1) Every line is parsed, rendered and fitted to seq_len once, by worker processes over chunks of
 lines, results taken in order, into a token store on disk (in the output's temporary folder), so the output is
 byte-identical for any worker count and neither text nor tokens are held in memory. (2) Weighting as published:
 weight w gives each sample floor(w) copies plus one more with probability frac(w) (w < 1: kept with probability
@@ -224,20 +224,65 @@ def _read_chunks(files: list[Path]) -> Iterator[tuple[int, int, list[bytes]]]:
 
 
 def _tokenized(files: list[Path], workers: int, init_args: tuple) -> Iterator:
-    """_tokenize_chunk over all lines, in order. Pool.imap would do, but its feeder thread reads the input as fast
-    as it can, i.e. the whole corpus into memory when workers are slower; a bounded deque of tasks does not."""
+    """_tokenize_chunk over all lines, in order. Chunk i goes to worker i % workers over that worker's own pipe,
+    and its next chunk only after its result is read, so at most one chunk per worker is in memory. No locks are
+    shared with the workers (multiprocessing.Pool's terminate can hang on its queue locks when it is stopped early,
+    e.g. at a bad line), and stopping kills them."""
     if workers == 1:
         _init_worker(*init_args)
         yield from map(_tokenize_chunk, _read_chunks(files))
         return
-    with multiprocessing.Pool(workers, initializer=_init_worker, initargs=init_args) as pool:
-        pending = deque()
-        for chunk in _read_chunks(files):
-            pending.append(pool.apply_async(_tokenize_chunk, (chunk,)))
-            if len(pending) >= 2 * workers:
-                yield pending.popleft().get()
+    context = multiprocessing.get_context("fork")
+    pipes, processes = [], []
+    try:
+        for _ in range(workers):
+            ours, theirs = context.Pipe()
+            process = context.Process(target=_worker_loop, args=(theirs, pipes[:], init_args),
+                                      daemon=True)
+            process.start()
+            theirs.close()  # so a dead worker reads as EOFError here
+            pipes.append(ours)
+            processes.append(process)
+        pending = deque()  # the workers holding a chunk, in chunk order
+        for i, chunk in enumerate(_read_chunks(files)):
+            if len(pending) == workers:
+                yield _result(pipes[pending.popleft()])
+            pipes[i % workers].send(chunk)
+            pending.append(i % workers)
         while pending:
-            yield pending.popleft().get()
+            yield _result(pipes[pending.popleft()])
+    finally:
+        for process in processes:
+            process.kill()
+            process.join()
+        for pipe in pipes:
+            pipe.close()
+
+
+def _worker_loop(pipe, other_workers_pipes: list, init_args: tuple) -> None:
+    for inherited in other_workers_pipes:  # the fork copied the parent's ends; holding them would hide its exit
+        inherited.close()
+    _init_worker(*init_args)
+    while True:
+        try:
+            chunk = pipe.recv()
+        except EOFError:
+            return
+        try:
+            result = ("ok", _tokenize_chunk(chunk))
+        except Exception as error:  # re-raised in the parent, as Pool would
+            result = ("error", error)
+        pipe.send(result)
+
+
+def _result(pipe):
+    try:
+        status, payload = pipe.recv()
+    except EOFError:
+        raise TeleChatError("a prepare-data worker process died (killed, or out of memory?)") from None
+    if status == "error":
+        raise payload
+    return payload
 
 
 class _TokenStore:
@@ -503,7 +548,7 @@ def _tokenize_sources(store: _TokenStore, files: list[Path], counts: list[dict[s
     """Render every line of `files` into `store`, counting each line in its source's counts."""
     bar = tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True, desc="tokenize",
                disable=not progress)
-    with bar, contextlib.closing(_tokenized(files, workers, init_args)) as chunks:  # closing stops the pool at once
+    with bar, contextlib.closing(_tokenized(files, workers, init_args)) as chunks:  # closing stops the workers at once
         for file_index, nbytes, results in chunks:
             c = counts[file_index]
             for line_no, status, payload in results:

@@ -274,6 +274,22 @@ def test_bad_line_stops_a_worker_pool(tmp_path, tiny_dir):
     assert os.listdir(tmp_path) == ["a.jsonl"]
 
 
+def test_a_dead_worker_is_an_error_not_a_hang(tmp_path, tiny_dir, monkeypatch):
+    import telechat_ascend.data as data
+    tokenize = data._tokenize_chunk
+
+    def dies_on_the_second_chunk(chunk):  # the workers are forked, so they run this
+        if chunk[1] > 1:
+            os._exit(3)
+        return tokenize(chunk)
+
+    monkeypatch.setattr(data, "_tokenize_chunk", dies_on_the_second_chunk)
+    path = write_jsonl(tmp_path / "a.jsonl", [qa(i) for i in range(3000)])
+    with pytest.raises(TeleChatError, match="a prepare-data worker process died"):
+        prepare_data(path, tiny_dir, tmp_path / "out", SEQ, workers=2, progress=False)
+    assert os.listdir(tmp_path) == ["a.jsonl"]
+
+
 @pytest.mark.parametrize("kwargs,message", [
     ({"seq_len": 4}, "seq_len must be at least 8"), ({"num_samples": 0}, "num_samples must be at least 1"),
     ({"workers": 0}, "workers must be at least 1"), ({"rows_per_shard": 0}, "rows_per_shard must be at least 1"),
