@@ -7,7 +7,7 @@ from pathlib import Path
 
 from telechat_ascend.backends import Backend
 
-QUANT_METHODS = ("w8a16", "w8a8")
+QUANT_METHODS = ("w8a16", "w8a8", "gptq")
 CALIB_SAMPLES = 32  # prompts read from --calib
 CALIB_TOKENS = 256  # each truncated to this many tokens
 
@@ -25,9 +25,13 @@ def add_quantize(subparsers, help: str) -> None:
     quantize.add_argument("--model", required=True, type=Path, help="the float TeleChat folder")
     quantize.add_argument("--out", required=True, type=Path)
     quantize.add_argument("--calib", type=Path, help=f"jsonl of calibration prompts (first {CALIB_SAMPLES} used, "
-                          f"{CALIB_TOKENS} tokens each); required for w8a8 and --keep-float")
-    quantize.add_argument("--group-size", type=int, default=0,
-                          help="w8a16: one scale per this many inputs (a multiple of 32); 0 = per output channel")
+                          f"{CALIB_TOKENS} tokens each); required for w8a8, gptq and --keep-float")
+    quantize.add_argument("--group-size", type=int, default=None,
+                          help="one scale per this many inputs (a multiple of 32); w8a16 default 0 = per output "
+                               "channel, gptq default 128")
+    quantize.add_argument("--bits", type=int, choices=[4, 8], default=8, help="gptq: 8 or 4-bit codes")
+    quantize.add_argument("--damp-percent", type=float, default=0.01,
+                          help="gptq: dampening added to the Hessian's diagonal, as a share of its mean")
     quantize.add_argument("--keep-float", type=int, default=0,
                           help="keep the N linears with the largest calibration error in float (one forward pass "
                                "per linear)")
@@ -54,6 +58,6 @@ def add_eval_quant(subparsers, help: str) -> None:
 BACKEND = Backend(
     name="torch", extra="torch", inference="pytorch_npu.inference",
     trainer=("-m", "pytorch_npu.train", "--device", "cpu"),
-    commands={"quantize": ("write an int8 (w8a16 or w8a8) copy of a model", add_quantize),
+    commands={"quantize": ("write an int8 (w8a16, w8a8) or GPTQ int8/int4 copy of a model", add_quantize),
               "eval-quant": ("perplexity and greedy agreement of an int8 model against its float model",
                              add_eval_quant)})

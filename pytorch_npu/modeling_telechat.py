@@ -24,6 +24,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from pytorch_npu import ops, quant
 from pytorch_npu.chat import chat
 from pytorch_npu.configuration_telechat import TelechatConfig
+from telechat_ascend.gptq_format import is_gptq_folder
 
 
 class TelechatRMSNorm(nn.Module):
@@ -255,6 +256,19 @@ class TelechatForCausalLM(TelechatPreTrainedModel, GenerationMixin):
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """As transformers does, and a GPTQ folder (quantize_config.json, Tele-AI's int8/int4 releases) onto the
+        integer layers of pytorch_npu.quant (see pytorch_npu.gptq)."""
+        folder = Path(pretrained_model_name_or_path)
+        if not is_gptq_folder(folder):
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        from pytorch_npu.gptq import load_gptq
+        model = load_gptq(cls, folder, kwargs.get("dtype", kwargs.get("torch_dtype", torch.float32)))
+        if kwargs.get("output_loading_info"):  # load_gptq accounts for every tensor or raises
+            return model, {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
+        return model
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:

@@ -35,10 +35,9 @@ from torch import nn
 
 from telechat_ascend.errors import TeleChatError
 
-from .backend import QUANT_METHODS
 from .device import load_torch_npu, normalize_chip, npu_chip
 
-METHODS = QUANT_METHODS
+METHODS = ("w8a16", "w8a8", "w4a16")  # the in-memory formats; w4a16 comes from 4-bit GPTQ folders
 LINEARS = ("query", "key_value", "dense", "gate_proj", "up_proj", "down_proj")  # embeddings, norms, lm_head stay float
 QMAX = 127  # symmetric int8: -128 is never used, so negation stays exact
 CPU_DECODE_ROWS = 16  # at most this many rows per call take the CPU int8 kernel; more are prefill (see above)
@@ -59,6 +58,8 @@ def check_quantization(quantization: dict) -> tuple[str, int, list[str]]:
                             f"kernel's rule), got {group_size!r}")
     if group_size and method == "w8a8":
         raise TeleChatError("w8a8 takes per-channel weight scales only: npu_quant_matmul has no weight groups")
+    if not group_size and method == "w4a16":
+        raise TeleChatError("w4a16 takes per-group weight scales only (group_size > 0)")
     keep = quantization.get("float_modules", [])
     if not isinstance(keep, list) or not all(isinstance(name, str) for name in keep):
         raise TeleChatError(f"quantization float_modules must be a list of module names, got {keep!r}")
@@ -116,15 +117,23 @@ def check_chip_groups(chip: str | None, group_size: int) -> None:
                             "antiquant_group_size there): quantize without --group-size for this card")
 
 
-def int8_kernel(device_type: str, chip: str, method: str, rows: int, in_features: int, group_size: int) -> str:
-    """Which implementation an Int8Linear call runs (see the module docstring)."""
+def int8_kernel(device_type: str, chip: str, method: str, rows: int, in_features: int, group_size: int,
+                out_features: int = 16) -> str:
+    """Which implementation an Int8Linear or Int4Linear call runs (see the module docstring)."""
     if device_type == "npu":
         check_chip_groups(chip, group_size)
+        if chip == "310p" and method == "w4a16":
+            raise TeleChatError("Atlas 300I (310P) has no int4 matmul (npu_weight_quant_batchmatmul takes int8 "
+                                "weights there): run a 4-bit GPTQ folder on an Atlas A2/A3, or quantize the float "
+                                "model with --method w8a8 or w8a16 for this card")
         return "npu_quant_matmul" if method == "w8a8" else "npu_weight_quant_batchmatmul"
-    # The CPU kernel loads bf16 rows with aligned 16-byte loads: K must be a multiple of 8.
-    if device_type == "cpu" and rows <= CPU_DECODE_ROWS and in_features % 8 == 0 and not group_size:
-        return "int8pack_mm"
-    return "dequant"
+    if device_type != "cpu" or rows > CPU_DECODE_ROWS:
+        return "dequant"
+    if method == "w4a16":  # the CPU int4 kernel's rules: whole groups of 32..256, N a multiple of 16
+        fits = group_size in (32, 64, 128, 256) and in_features % group_size == 0 and out_features % 16 == 0
+        return "int4pack_mm" if fits else "dequant"
+    # The CPU kernel loads bf16 rows with aligned 16-byte loads: K (and each group) must be a multiple of 8.
+    return "int8pack_mm" if in_features % 8 == 0 and group_size % 8 == 0 else "dequant"
 
 
 def _npu_weight_quant_batchmatmul_args(x, weight, scale, bias, group_size):
@@ -143,6 +152,8 @@ def _npu_quant_matmul_args(x_int8, weight, scale, bias, output_dtype):
 class Int8Linear(nn.Module):
     """nn.Linear with int8 weights: y = x · (weight ⊙ weight_scale)ᵀ + bias, and for w8a8 x first rounded to the
     int8 grid of input_scale. Inference only: the state is buffers."""
+
+    WEIGHT_DTYPE = torch.int8
 
     def __init__(self, in_features: int, out_features: int, bias: bool, method: str, group_size: int = 0):
         super().__init__()
@@ -170,14 +181,14 @@ class Int8Linear(nn.Module):
     def check_state(self, name: str, source) -> None:
         """The loaded state as the format defines it (module docstring): int8 weights, positive finite fp16 weight
         scales and fp32 activation scale. A NaN, zero or negative scale would run and give garbage."""
-        expected = {"weight": torch.int8, "weight_scale": torch.float16, "input_scale": torch.float32}
+        expected = {"weight": self.WEIGHT_DTYPE, "weight_scale": torch.float16, "input_scale": torch.float32}
         for buffer, dtype in expected.items():
             tensor = getattr(self, buffer)
             if tensor is None:
                 continue
             where = f"{source}: tensor {name}.{buffer}"
             if tensor.dtype != dtype:
-                raise TeleChatError(f"{where} is {str(tensor.dtype).removeprefix('torch.')}, the int8 format stores "
+                raise TeleChatError(f"{where} is {str(tensor.dtype).removeprefix('torch.')}, this format stores "
                                     f"{str(dtype).removeprefix('torch.')}")
             if buffer != "weight":
                 bad = ~(torch.isfinite(tensor.float()) & (tensor.float() > 0))
@@ -194,13 +205,14 @@ class Int8Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         device_type = _device_type(x)
         chip = self.chip or (npu_chip() if device_type == "npu" else device_type)
-        kernel = int8_kernel(device_type, chip, self.method, x2.shape[0], self.in_features, self.group_size)
+        kernel = int8_kernel(device_type, chip, self.method, x2.shape[0], self.in_features, self.group_size,
+                             self.out_features)
         if kernel == "npu_weight_quant_batchmatmul":
             y = self._npu_w8a16(x2, chip)
         elif kernel == "npu_quant_matmul":
             y = self._npu_w8a8(x2, chip)
-        elif kernel == "int8pack_mm":
-            y = self._int8pack_mm(x2)
+        elif kernel in ("int8pack_mm", "int4pack_mm"):
+            y = self._cpu_kernel(x2)
         else:
             y = self._dequant(x2)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
@@ -213,11 +225,16 @@ class Int8Linear(nn.Module):
         scale = self.weight_scale.float()
         return scale * self.input_scale.float() if self.method == "w8a8" else scale
 
-    def _int8pack_mm(self, x2):
+    def _cpu_kernel(self, x2):
         # A fresh contiguous bf16 copy: the kernel's aligned loads crash on an offset view (e.g. hidden[:, -1:]).
         a = self._activation(x2).to(torch.bfloat16, memory_format=torch.contiguous_format, copy=True)
         weight, scale, bias = self._operands("cpu", torch.bfloat16)
-        y = torch._weight_int8pack_mm(a, weight, scale)
+        if self.group_size:  # one call per group of inputs (the kernel takes one scale per row), summed in fp32
+            g = self.group_size
+            y = sum(torch._weight_int8pack_mm(a[:, i * g:(i + 1) * g].contiguous(), weight[i], scale[i]).float()
+                    for i in range(len(weight)))
+        else:
+            y = torch._weight_int8pack_mm(a, weight, scale)
         return y if bias is None else y.float() + bias
 
     def _dequant(self, x2):
@@ -246,6 +263,10 @@ class Int8Linear(nn.Module):
             if chip == "cpu":  # _weight_int8pack_mm: bf16 scales of the integer product
                 bias = None if self.bias is None else self.bias.float()
                 operands = (kernel_friendly(self.weight), self._row_scale().to(dtype), bias)
+                if self.group_size:  # per group: [G, N, group] int8 and [G, N] scales, each slice contiguous
+                    n, k = self.weight.shape
+                    weight = self.weight.reshape(n, k // self.group_size, self.group_size).transpose(0, 1)
+                    operands = (weight.contiguous(), self.weight_scale.t().to(dtype).contiguous(), bias)
             elif self.method == "w8a16":
                 # 310P and fp16 x: fp16 bias; bf16 x (A2): fp32 bias. The scale is in x's dtype.
                 bias = None if self.bias is None else self.bias.to(torch.float16 if dtype == torch.float16
@@ -276,6 +297,86 @@ class Int8Linear(nn.Module):
         return load_torch_npu().npu_quant_matmul(*args, **kwargs)
 
 
+class Int4Linear(Int8Linear):
+    """w4a16 (from 4-bit GPTQ folders): y = x · (code ⊙ weight_scale)ᵀ + bias with signed 4-bit codes in [-8, 7]
+    and one fp16 scale per (row, group of inputs). Buffers:
+        weight        uint8 [N, K / 2]  two codes per byte, code + 8: column 2j in the low nibble, 2j + 1 high
+        weight_scale  fp16  [N, K / group_size]
+        bias          float [N]
+    The CPU kernel is `_weight_int4pack_mm_for_cpu` (bf16 activations, its own tiled weight layout, derived once);
+    the NPU one npu_weight_quant_batchmatmul on int4 codes packed eight to an int32 (A2/A3 only)."""
+
+    WEIGHT_DTYPE = torch.uint8
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, method: str = "w4a16", group_size: int = 128):
+        if in_features % 2 or not group_size:
+            raise TeleChatError(f"int4 layers need an even input size and groups, got {in_features}, {group_size}")
+        super().__init__(in_features, out_features, bias, "w8a16", group_size)
+        self.method = "w4a16"
+        self.register_buffer("weight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> Int4Linear:
+        """From signed codes int8 [N, K] in [-8, 7] and fp16 scales [N, K / group_size]."""
+        n, k = codes.shape
+        module = cls(k, n, bias is not None, group_size=k // scale.shape[1])
+        module.weight = pack_int4(codes)
+        module.weight_scale = scale.half()
+        module.bias = bias
+        return module
+
+    def codes(self) -> torch.Tensor:
+        return unpack_int4(self.weight)
+
+    def _dequant(self, x2):
+        return F.linear(x2.float(), dequantize_weight(self.codes(), self.weight_scale), self._float_bias())
+
+    def _float_bias(self):
+        return None if self.bias is None else self.bias.float()
+
+    def _cpu_kernel(self, x2):
+        a = x2.to(torch.bfloat16, memory_format=torch.contiguous_format, copy=True)
+        weight, scales_and_zeros, bias = self._operands("cpu", torch.bfloat16)
+        y = torch._weight_int4pack_mm_for_cpu(a, weight, self.group_size, scales_and_zeros)
+        return y if bias is None else y.float() + bias
+
+    def _operands(self, chip: str, dtype: torch.dtype):
+        key = (self.weight.device, chip, dtype, tuple(t.data_ptr() for t in self.buffers()))
+        if self._kernel_operands is None or self._kernel_operands[0] != key:
+            codes = self.codes().int()
+            if chip == "cpu":
+                # The kernel computes (nibble - 8) · scale + zero: our nibbles are code + 8 and the zero is 0.
+                weight = torch._convert_weight_to_int4pack_for_cpu(codes + 8, 1)
+                scale = self.weight_scale.t().to(dtype)
+                operands = (weight, torch.stack([scale, torch.zeros_like(scale)], -1).contiguous(), self._float_bias())
+            else:  # int4 codes in int32, logical (K, N), packed eight to an int32 along N
+                weight = load_torch_npu().npu_convert_weight_to_int4pack(codes.t().contiguous())
+                bias = None if self.bias is None else self.bias.to(torch.float16 if dtype == torch.float16
+                                                                   else torch.float32)
+                operands = (weight, self.weight_scale.to(dtype), bias)
+            self._kernel_operands = (key, operands)
+        return self._kernel_operands[1]
+
+    def _npu_w8a16(self, x2, chip):
+        dtype = x2.dtype if x2.dtype == torch.bfloat16 else torch.float16
+        weight, scale, bias = self._operands(chip, dtype)
+        # The packed weight is already the logical (K, N / 8): passed as is, not as a transposed view.
+        args, kwargs = _npu_weight_quant_batchmatmul_args(x2.to(dtype), weight.t(), scale, bias, self.group_size)
+        return load_torch_npu().npu_weight_quant_batchmatmul(*args, **kwargs)
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K / 2] from signed codes [N, K] in [-8, 7] (see Int4Linear)."""
+    nibbles = (codes.to(torch.int16) + 8).to(torch.uint8)
+    return nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Signed codes int8 [N, K] from pack_int4's bytes."""
+    low, high = (packed & 15).to(torch.int8) - 8, (packed >> 4).to(torch.int8) - 8
+    return torch.stack([low, high], -1).reshape(packed.shape[0], -1)
+
+
 # --- model surgery -------------------------------------------------------------------------------------------------
 
 def quantizable_linears(model: nn.Module) -> list[str]:
@@ -298,11 +399,12 @@ def replace_linears(model: nn.Module, quantization: dict) -> nn.Module:
     unknown = sorted(set(keep) - set(names))
     if unknown:
         raise TeleChatError(f"quantization float_modules names modules this model does not have: {unknown[:3]}")
+    layer = Int4Linear if method == "w4a16" else Int8Linear
     for name in names:
         if name not in keep:
             linear = model.get_submodule(name)
-            set_module(model, name, Int8Linear(linear.in_features, linear.out_features, linear.bias is not None,
-                                               method, group_size))
+            set_module(model, name, layer(linear.in_features, linear.out_features, linear.bias is not None,
+                                          method, group_size))
     return model
 
 
@@ -322,6 +424,7 @@ def weight_bytes(model: nn.Module) -> dict[str, int]:
         if tensor.data_ptr() in seen:  # a tied lm_head is the embedding
             continue
         seen.add(tensor.data_ptr())
-        kind = "int8" if tensor.dtype == torch.int8 else "scales" if name.endswith("_scale") else "float"
+        kind = ("int8" if tensor.dtype in (torch.int8, torch.uint8) else "scales" if name.endswith("_scale")
+                else "float")
         sizes[kind] += tensor.numel() * tensor.element_size()
     return sizes

@@ -194,6 +194,9 @@ def quantize_model(model, method: str, group_size: int = 0, calibration: list[to
 
 
 def check_options(method: str, group_size: int, keep_float: int, calibrated: bool, alpha: float = 0.5) -> None:
+    if method not in ("w8a16", "w8a8"):
+        raise TeleChatError(f"unknown quantization method {method!r}: expected w8a16 or w8a8 here (4-bit and GPTQ "
+                            f"folders: --method gptq)")
     check_quantization({"method": method, "group_size": group_size})
     if not 0 <= alpha <= 1:  # also refuses nan, which would write NaN weights
         raise TeleChatError(f"--alpha (smoothing strength) must be a number in [0, 1], got {alpha}")
@@ -226,9 +229,18 @@ def _cast_float_tensors(model, dtype: torch.dtype) -> None:
 
 
 def quantize_folder(src: str | Path, out: str | Path, method: str, calib: str | Path | None = None,
-                    group_size: int = 0, keep_float: int = 0, alpha: float = 0.5, soc: str | None = None,
-                    force: bool = False) -> dict:
-    """Quantize the float TeleChat folder `src` into `out`; returns the quant_config record."""
+                    group_size: int | None = None, keep_float: int = 0, alpha: float = 0.5, soc: str | None = None,
+                    force: bool = False, bits: int = 8, damp_percent: float = 0.01) -> dict:
+    """Quantize the float TeleChat folder `src` into `out`; returns the quant_config record. group_size None: per
+    channel for w8a16, 128 (as published) for gptq."""
+    if method == "gptq":
+        from .gptq import quantize_folder as gptq_folder
+        if keep_float or soc:
+            raise TeleChatError("--keep-float and --soc do not apply to --method gptq (every linear is quantized, and "
+                                "GPTQ folders run on Atlas A2/A3, not on 310P: see the README's support matrix)")
+        return gptq_folder(src, out, bits, calib, 128 if group_size is None else group_size, damp_percent, force,
+                           progress=True)
+    group_size = group_size or 0
     # Everything that can be checked before loading the model is.
     check_options(method, group_size, keep_float, calib is not None, alpha)
     check_chip_groups(soc, group_size)
@@ -287,7 +299,11 @@ def load_for_eval(folder: str | Path, device: str = "cpu", dtype: str | None = N
 
 def run_quantize(args) -> None:
     record = quantize_folder(args.model, args.out, args.method, args.calib, args.group_size, args.keep_float,
-                             args.alpha, args.soc, args.force)
+                             args.alpha, args.soc, args.force, args.bits, args.damp_percent)
+    if args.method == "gptq":
+        print(f"gptq {args.bits}-bit, group {record['group_size']}: wrote {args.out} ({record['bytes'] / 1e6:.1f} MB "
+              f"of weights; {record['linears']} linears, {record['calibration']['tokens']} calibration tokens)")
+        return
     sizes = record["bytes"]
     quantized = sizes["int8"] + sizes["scales"] + sizes["float"]
     print(f"{args.method}: wrote {args.out} ({quantized / 1e6:.1f} MB, float model {sizes['float_model'] / 1e6:.1f} "

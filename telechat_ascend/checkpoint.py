@@ -25,6 +25,8 @@ from safetensors import TensorSpec, serialize_file
 
 from telechat_ascend.errors import TeleChatError
 from telechat_ascend.files import inside, read_json
+from telechat_ascend.gptq_format import (QUANTIZE_CONFIG, GPTQConfig, is_gptq_folder, read_quantize_config,
+                                         weight_file_candidates)
 from telechat_ascend.mindspore_ckpt import CkptWriter, read_ckpt
 
 DTYPES = {"fp32": np.dtype(np.float32), "fp16": np.dtype(np.float16), "bf16": np.dtype(ml_dtypes.bfloat16)}
@@ -71,6 +73,7 @@ class WeightFiles:
     format: str  # "safetensors", "bin" (HF) or "ckpt", "ms-safetensors" (MindSpore)
     files: list[Path]
     weight_map: dict[str, Path] | None  # None for a single file whose keys are only known by reading it
+    gptq: GPTQConfig | None = None  # a GPTQ folder (quantize_config.json): packed linears, see gptq_format
 
     @property
     def is_mindspore(self) -> bool:
@@ -106,6 +109,13 @@ def find_weights(path: str | Path) -> WeightFiles:
         if kind == "safetensors" and path.name.startswith("mindspore_model"):
             kind = "ms-safetensors"
         return WeightFiles(path.parent, kind, [path], None)
+    if is_gptq_folder(path):
+        gptq = read_quantize_config(path)
+        files = weight_file_candidates(path)
+        if not files:
+            raise TeleChatError(f"{path}: {QUANTIZE_CONFIG} is here but no GPTQ weights (gptq_model-*.safetensors or "
+                                f".bin, or the model_file_base_name it names)")
+        return WeightFiles(path, files[0].suffix[1:], files[:1], None, gptq)
     candidates = [
         ("ckpt", MS_CKPT, None),
         ("ms-safetensors", MS_SAFETENSORS[0], MS_SAFETENSORS[1]),

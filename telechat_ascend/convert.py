@@ -11,12 +11,14 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from telechat_ascend.checkpoint import (DTYPES, atomic_output_dir, cast, copy_side_files, find_weights, hf_writer,
                                         mindspore_writer, parse_size)
 from telechat_ascend.config import TeleChatConfig
 from telechat_ascend.errors import TeleChatError
+from telechat_ascend.gptq_format import float_names, group_packed
 from telechat_ascend.weights import LM_HEAD, TensorSpec, check_names, check_shape, detect_hf_prefix, hf_name, \
     tensor_specs
 
@@ -86,13 +88,16 @@ class ConvertedTensors:
         self.folder = self.src if self.src.is_dir() else self.src.parent
         self.config = TeleChatConfig.from_file(self.folder)
         self.weights = find_weights(self.src)
-        self.plan = _name_plan(self.config, self.weights.is_mindspore, self.weights.names(), str(self.src), to)
+        names = self.weights.names()
+        if self.weights.gptq and names is not None:
+            names = float_names(names)
+        self.plan = _name_plan(self.config, self.weights.is_mindspore, names, str(self.src), to)
         self.dtype = DTYPES[dtype] if dtype else None
         self.skipped_training_state: list[str] = []
 
     def __iter__(self):
         seen: set[str] = set()
-        for path, name, array in self.weights.tensors():
+        for path, name, array in self._source_tensors():
             if name not in self.plan:
                 if self.weights.is_mindspore and _TRAINING_STATE.fullmatch(name):
                     self.skipped_training_state.append(name)
@@ -109,6 +114,18 @@ class ConvertedTensors:
                                     f"or bfloat16")
             yield out_name, cast(array, self.dtype)
         check_names(list(seen), list(self.plan), str(self.src))
+
+    def _source_tensors(self):
+        """The source's tensors; a GPTQ folder's packed linears dequantized to float (fp16 unless asked)."""
+        if not self.weights.gptq:
+            yield from self.weights.tensors()
+            return
+        for path, item, *array in group_packed(self.weights.tensors(), str(self.src)):
+            if array:
+                yield path, item, array[0]
+            else:
+                weight = item.dequantize(self.weights.gptq, str(path)).astype(self.dtype or np.float16)
+                yield path, f"{item.name}.weight", weight
 
 
 def _name_plan(config: TeleChatConfig, from_mindspore: bool, names: list[str] | None, source: str,

@@ -60,3 +60,17 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def train_on(model, ids: list[int], steps: int, lr: float = 1e-2):
+    """`steps` AdamW steps on random 64-token windows of ids (repeated once so windows near the end are full)."""
+    import torch
+    data = torch.tensor(ids * 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    for _ in range(steps):
+        batch = torch.stack([data[s:s + 64] for s in torch.randint(0, len(ids), (8,)).tolist()])
+        loss = model(batch, labels=batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model

@@ -15,6 +15,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 import npu_schema
+from conftest import train_on
 from isolated import run_isolated
 from pytorch_npu import inference, quant
 from pytorch_npu.configuration_telechat import TelechatConfig
@@ -25,6 +26,8 @@ from telechat_ascend.cli import build_parser
 from telechat_ascend.errors import TeleChatError
 from telechat_ascend.tokenizer import TINY_CORPUS, TeleChatTokenizer, build_tiny_tokenizer
 
+
+INT8_METHODS = ("w8a16", "w8a8")
 
 
 def small_config(**overrides):
@@ -54,14 +57,7 @@ def trained(one_thread, tmp_path_factory):
     torch.manual_seed(0)
     model = TelechatForCausalLM(small_config())
     ids = TeleChatTokenizer.from_pretrained(folder).encode(text)
-    data = torch.tensor(ids * 2)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(40):
-        batch = torch.stack([data[s:s + 64] for s in torch.randint(0, len(ids), (8,)).tolist()])
-        loss = model(batch, labels=batch).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    train_on(model, ids, 40)
     model.eval().save_pretrained(folder)
     (folder / "text.txt").write_text(text, encoding="utf-8")
     lines = [json.dumps({"text": line}, ensure_ascii=False) for line in text.splitlines()]
@@ -178,7 +174,12 @@ def test_w8a8_on_cpu_is_the_int8_gemm():
         ("cpu", "cpu", "w8a8", 16, 64, 0, "int8pack_mm"),
         ("cpu", "cpu", "w8a16", 17, 64, 0, "dequant"),
         ("cpu", "cpu", "w8a16", 1, 60, 0, "dequant"),  # the kernel's aligned loads need K % 8 == 0
-        ("cpu", "cpu", "w8a16", 1, 64, 32, "dequant"),  # no CPU kernel takes group scales
+        ("cpu", "cpu", "w8a16", 1, 64, 32, "int8pack_mm"),  # one call per group
+        ("cpu", "cpu", "w8a16", 1, 64, 36, "dequant"),  # a group of 36 inputs breaks the 8-aligned loads
+        ("cpu", "cpu", "w4a16", 1, 256, 128, "int4pack_mm"),
+        ("cpu", "cpu", "w4a16", 17, 256, 128, "dequant"),
+        ("cpu", "cpu", "w4a16", 1, 256, 512, "dequant"),  # the int4 kernel takes groups of 32..256
+        ("npu", "910b", "w4a16", 1, 256, 128, "npu_weight_quant_batchmatmul"),
         ("cuda", "cuda", "w8a16", 1, 64, 0, "dequant"),
         ("npu", "910b", "w8a16", 1, 64, 32, "npu_weight_quant_batchmatmul"),
         ("npu", "310p", "w8a16", 900, 64, 0, "npu_weight_quant_batchmatmul"),
@@ -397,13 +398,13 @@ def _options(argv):
     parser = build_parser()
     args = parser.parse_args(["quantize", "--model", "m", "--out", "o", *argv])
     return dict(method=args.method, calib=args.calib, group_size=args.group_size, keep_float=args.keep_float,
-                soc=args.soc)
+                soc=args.soc, bits=args.bits, damp_percent=args.damp_percent)
 
 
 def test_quantize_rejects_bad_folders_and_methods(trained, int8_folders, tmp_path):
     folder, _, _ = trained
     with pytest.raises(TeleChatError, match="unknown quantization method"):
-        quantize_folder(folder, tmp_path / "a", "w4a16")
+        quantize_folder(folder, tmp_path / "a", "w4a8")
     with pytest.raises(TeleChatError, match="not found"):
         quantize_folder(tmp_path, tmp_path / "b", "w8a16")  # no config.json
     (tmp_path / "llama").mkdir()
@@ -632,7 +633,7 @@ def test_npu_operands_follow_a_reloaded_state(version, monkeypatch):
     assert (got.float() - expected).norm() / expected.norm() < 1e-2
 
 
-@pytest.mark.parametrize("method", quant.METHODS)
+@pytest.mark.parametrize("method", INT8_METHODS)
 def test_cpu_kernel_scales_follow_a_reloaded_state(method):
     """The bf16 scales the CPU int8 kernel takes are derived once, and again when load_state_dict replaces the
     state in place: after reloading, a decode-sized call gives what the module it was loaded from gives."""
@@ -679,7 +680,7 @@ MISALIGNED_STATE = """
 """
 
 
-@pytest.mark.parametrize("method", quant.METHODS)
+@pytest.mark.parametrize("method", INT8_METHODS)
 @pytest.mark.parametrize("offset", [4, 8, 12])
 def test_int8_kernel_survives_misaligned_loaded_weights(offset, method):
     """The crash on AVX-512 CPUs: `_weight_int8pack_mm` with an int8 weight 4/8/12 bytes past a 16-byte boundary
