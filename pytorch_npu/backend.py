@@ -8,6 +8,7 @@ from pathlib import Path
 from telechat_ascend.backends import Backend
 
 QUANT_METHODS = ("w8a16", "w8a8", "gptq")
+FORMATS = ("ours", "msmodelslim")  # msmodelslim: what MindIE and vllm-ascend load
 CALIB_SAMPLES = 32  # prompts read from --calib
 CALIB_TOKENS = 256  # each truncated to this many tokens
 
@@ -29,6 +30,8 @@ def add_quantize(subparsers, help: str) -> None:
     quantize.add_argument("--group-size", type=int, default=None,
                           help="one scale per this many inputs (a multiple of 32); w8a16 default 0 = per output "
                                "channel, gptq default 128")
+    quantize.add_argument("--format", choices=FORMATS, default="ours",
+                          help="msmodelslim: quant_model_weights + quant_model_description.json (MindIE, vllm-ascend)")
     quantize.add_argument("--bits", type=int, choices=[4, 8], default=8, help="gptq: 8 or 4-bit codes")
     quantize.add_argument("--damp-percent", type=float, default=0.01,
                           help="gptq: dampening added to the Hessian's diagonal, as a share of its mean")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from safetensors.torch import save_file
@@ -21,19 +20,13 @@ from telechat_ascend.checkpoint import atomic_output_dir, copy_side_files, find_
 from telechat_ascend.errors import TeleChatError
 from telechat_ascend.gptq_format import BITS, QUANTIZE_CONFIG, GPTQConfig, group_packed, pack_linear
 from telechat_ascend.tokenizer import TeleChatTokenizer
-from telechat_ascend.weights import LM_HEAD, some_names
+from telechat_ascend.weights import LM_HEAD
 
-from .configuration_telechat import TelechatConfig
 from . import quant
-from .quant import LINEARS, Int8Linear, pack_int4, quantizable_linears
+from .configuration_telechat import TelechatConfig
+from .quant import LINEARS, load_converted, numpy_to_torch as _torch, pack_int4, quantizable_linears
 
 PREFIX = "transformer."
-
-
-def _torch(array: np.ndarray) -> torch.Tensor:
-    if array.dtype.name == "bfloat16":
-        return torch.from_numpy(np.ascontiguousarray(array).view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(np.array(array))  # owned: a file's memory map is never what a kernel reads
 
 
 def _model_name(name: str, prefixed: bool) -> str:
@@ -47,9 +40,6 @@ def load_gptq(model_class, folder: str | Path, dtype: torch.dtype | str = torch.
     weights = find_weights(folder)
     gptq: GPTQConfig = weights.gptq
     config = TelechatConfig.from_pretrained(folder, local_files_only=True)
-    if dtype == "auto":
-        dtype = getattr(config, "torch_dtype", None) or torch.float16
-        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     names = weights.names()
     prefixed = any(n.startswith(PREFIX) for n in names)
     if config.tie_word_embeddings and LM_HEAD in names:
@@ -60,12 +50,10 @@ def load_gptq(model_class, folder: str | Path, dtype: torch.dtype | str = torch.
         linears = quantizable_linears(model_class(config))
     config.quantization = {"method": "w8a16" if gptq.bits == 8 else "w4a16", "group_size": gptq.group_size,
                            "float_modules": [m for m in linears if m not in packed_modules]}
-    with torch.device("meta"):
-        model = model_class(config)
     state = {}
     for path, item, *array in group_packed(weights.tensors(), str(folder)):
         if array:
-            state[_model_name(item, prefixed)] = _torch(array[0]).to(dtype)
+            state[_model_name(item, prefixed)] = _torch(array[0])
             continue
         name = _model_name(item.name, prefixed)
         if name.rsplit(".", 1)[-1] not in LINEARS or name not in linears:
@@ -75,31 +63,7 @@ def load_gptq(model_class, folder: str | Path, dtype: torch.dtype | str = torch.
         codes = torch.from_numpy(codes)
         state[name + ".weight"] = pack_int4(codes) if gptq.bits == 4 else codes
         state[name + ".weight_scale"] = torch.from_numpy(scales)
-    _load_state(model, state, folder)
-    model.tie_weights()
-    for name, module in model.named_modules():
-        if isinstance(module, Int8Linear):
-            module.check_state(name, folder)
-    return model.eval()
-
-
-def _load_state(model, state: dict[str, torch.Tensor], folder: Path) -> None:
-    expected = model.state_dict()
-    tied = model.config.tie_word_embeddings
-    missing = sorted(set(expected) - set(state) - ({LM_HEAD} if tied else set()))
-    unexpected = sorted(set(state) - set(expected))
-    problems = []
-    if missing:
-        problems.append(f"missing tensor(s): {some_names(missing)}")
-    if unexpected:
-        problems.append(f"unexpected tensor(s): {some_names(unexpected)}")
-    wrong = [f"{n} {list(t.shape)} (expected {list(expected[n].shape)})" for n, t in state.items()
-             if n in expected and t.shape != expected[n].shape]
-    if wrong:
-        problems.append(f"tensor(s) of the wrong shape for config.json: {some_names(wrong, 3)}")
-    if problems:
-        raise TeleChatError(f"{folder}: {'; '.join(problems)}")
-    model.load_state_dict(state, strict=False, assign=True)
+    return load_converted(model_class, config, state, dtype, folder)
 
 
 # --- the GPTQ algorithm --------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from pytorch_npu import ops, quant
 from pytorch_npu.chat import chat
 from pytorch_npu.configuration_telechat import TelechatConfig
 from telechat_ascend.gptq_format import is_gptq_folder
+from telechat_ascend.msmodelslim_format import is_msmodelslim_folder
 
 
 class TelechatRMSNorm(nn.Module):
@@ -259,13 +260,17 @@ class TelechatForCausalLM(TelechatPreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """As transformers does, and a GPTQ folder (quantize_config.json, Tele-AI's int8/int4 releases) onto the
-        integer layers of pytorch_npu.quant (see pytorch_npu.gptq)."""
+        """As transformers does, and also GPTQ folders (quantize_config.json: Tele-AI's int8/int4 releases, see
+        pytorch_npu.gptq) and msModelSlim folders (quant_model_description.json: MindIE's and vllm-ascend's int8,
+        see pytorch_npu.msmodelslim), onto the integer layers of pytorch_npu.quant."""
         folder = Path(pretrained_model_name_or_path)
-        if not is_gptq_folder(folder):
+        if is_gptq_folder(folder):
+            from pytorch_npu.gptq import load_gptq as load
+        elif is_msmodelslim_folder(folder):
+            from pytorch_npu.msmodelslim import load_msmodelslim as load
+        else:
             return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        from pytorch_npu.gptq import load_gptq
-        model = load_gptq(cls, folder, kwargs.get("dtype", kwargs.get("torch_dtype", torch.float32)))
+        model = load(cls, folder, kwargs.get("dtype", kwargs.get("torch_dtype", torch.float32)))
         if kwargs.get("output_loading_info"):  # load_gptq accounts for every tensor or raises
             return model, {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
         return model

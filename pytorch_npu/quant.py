@@ -29,11 +29,13 @@ w8a8 it multiplies the integer-valued activations and weights exactly as the int
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from telechat_ascend.errors import TeleChatError
+from telechat_ascend.weights import some_names
 
 from .device import load_torch_npu, normalize_chip, npu_chip
 
@@ -406,6 +408,43 @@ def replace_linears(model: nn.Module, quantization: dict) -> nn.Module:
             set_module(model, name, layer(linear.in_features, linear.out_features, linear.bias is not None,
                                           method, group_size))
     return model
+
+
+def numpy_to_torch(array) -> torch.Tensor:
+    """An owned tensor of a numpy array (bf16 through its bits): a file's memory map is never what a kernel reads."""
+    if array.dtype.name == "bfloat16":
+        return torch.from_numpy(np.ascontiguousarray(array).view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.array(array))
+
+
+def load_converted(model_class, config, state: dict[str, torch.Tensor], dtype, folder) -> nn.Module:
+    """A TeleChat model of `config` (its `quantization` section set) holding exactly `state`, the tensors of a
+    quantized folder in another format already converted to ours; float tensors in `dtype` ("auto": the config's
+    torch_dtype), integer codes and scales as they are. Missing, unexpected and misshapen tensors are errors."""
+    if dtype == "auto":
+        dtype = getattr(config, "torch_dtype", None) or torch.float16
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    with torch.device("meta"):
+        model = model_class(config)
+    expected = model.state_dict()
+    tied = config.tie_word_embeddings
+    missing = sorted(set(expected) - set(state) - ({"lm_head.weight"} if tied else set()))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{n} {list(t.shape)} (expected {list(expected[n].shape)})" for n, t in state.items()
+             if n in expected and t.shape != expected[n].shape]
+    problems = [f"{what}: {some_names(names, 3)}" for what, names in (
+        ("missing tensor(s)", missing), ("unexpected tensor(s)", unexpected),
+        ("tensor(s) of the wrong shape for config.json", wrong)) if names]
+    if problems:
+        raise TeleChatError(f"{folder}: {'; '.join(problems)}")
+    state = {name: t.to(dtype) if t.is_floating_point() and not name.endswith("_scale") else t
+             for name, t in state.items()}
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    for name, module in model.named_modules():
+        if isinstance(module, Int8Linear):
+            module.check_state(name, folder)
+    return model.eval()
 
 
 def set_chip(model: nn.Module, chip: str | None) -> None:

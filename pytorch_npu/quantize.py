@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import torch
@@ -30,14 +31,16 @@ from telechat_ascend.checkpoint import atomic_output_dir, copy_side_files
 from telechat_ascend.config import TeleChatConfig
 from telechat_ascend.errors import TeleChatError
 from telechat_ascend.files import read_text
+from telechat_ascend.msmodelslim_format import write_msmodelslim
 from telechat_ascend.tokenizer import TeleChatTokenizer
 
-from .backend import CALIB_SAMPLES, CALIB_TOKENS
+from .backend import CALIB_SAMPLES, CALIB_TOKENS, FORMATS
 from .device import resolve_device, resolve_dtype
 from .pretrained import from_pretrained
 from .quant import (QMAX, Int8Linear, check_chip_groups, check_quantization, quantizable_linears, set_chip,
                     set_module, weight_bytes)
 
+FP16_TINY = torch.finfo(torch.float16).tiny
 SENSITIVITY_TOKENS = 512  # calibration tokens scored per candidate layer (one forward pass per quantized linear)
 
 
@@ -171,7 +174,9 @@ def quantize_model(model, method: str, group_size: int = 0, calibration: list[to
     if method == "w8a8":
         smooth(model, input_absmax(model, names, calibration), alpha)
         act_max = input_absmax(model, names, calibration)
-        input_scales = {name: max(float(a.max()) / QMAX, 1e-8) for name, a in act_max.items()}
+        # fp16-representable, as msModelSlim stores it (in the model's dtype): converting to it is then exact.
+        input_scales = {name: float(torch.tensor(float(a.max()) / QMAX).clamp(min=FP16_TINY).half())
+                        for name, a in act_max.items()}
         record["smoothing"] = {"alpha": alpha, "folded_into": ["input_layernorm", "post_attention_layernorm",
                                                                "up_proj (for down_proj)"]}
         record["activation_scale"] = "static per tensor, absmax / 127"
@@ -230,9 +235,17 @@ def _cast_float_tensors(model, dtype: torch.dtype) -> None:
 
 def quantize_folder(src: str | Path, out: str | Path, method: str, calib: str | Path | None = None,
                     group_size: int | None = None, keep_float: int = 0, alpha: float = 0.5, soc: str | None = None,
-                    force: bool = False, bits: int = 8, damp_percent: float = 0.01) -> dict:
+                    force: bool = False, bits: int = 8, damp_percent: float = 0.01, fmt: str = "ours") -> dict:
     """Quantize the float TeleChat folder `src` into `out`; returns the quant_config record. group_size None: per
-    channel for w8a16, 128 (as published) for gptq."""
+    channel for w8a16, 128 (as published) for gptq. fmt "msmodelslim": msModelSlim's layout (MindIE, vllm-ascend)
+    instead of ours."""
+    if fmt not in FORMATS:
+        raise TeleChatError(f"unknown --format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    if fmt == "msmodelslim" and (method == "gptq" or group_size or keep_float):
+        raise TeleChatError("--format msmodelslim takes --method w8a8 or w8a16 per channel, all linears quantized "
+                            "(what vllm-ascend's W8A8 / W8A16 schemes load); not gptq, --group-size or --keep-float")
+    if Path(out).exists() and not force:  # checked before the work, not only when the output is written
+        raise TeleChatError(f"{out} already exists; pass --force to overwrite it")
     if method == "gptq":
         from .gptq import quantize_folder as gptq_folder
         if keep_float or soc:
@@ -253,10 +266,16 @@ def quantize_folder(src: str | Path, out: str | Path, method: str, calib: str | 
     _cast_float_tensors(model, dtype)
     record.update(source=str(src), soc=soc, float_dtype=str(dtype).removeprefix("torch."),
                   bytes={"float_model": float_bytes, **weight_bytes(model)})
-    with atomic_output_dir(out, force) as folder:
+    with atomic_output_dir(out if fmt == "ours" else Path(out).with_name(Path(out).name + ".ours"), True) as folder:
         copy_side_files(Path(src), folder)  # the tokenizer; save_pretrained writes config and generation config over
         model.save_pretrained(folder)
         (folder / "quant_config.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    if fmt == "msmodelslim":  # one conversion path: ours, then `convert --to msmodelslim`
+        ours = Path(out).with_name(Path(out).name + ".ours")
+        try:
+            write_msmodelslim(ours, out, force)
+        finally:
+            shutil.rmtree(ours)
     return record
 
 
@@ -299,7 +318,7 @@ def load_for_eval(folder: str | Path, device: str = "cpu", dtype: str | None = N
 
 def run_quantize(args) -> None:
     record = quantize_folder(args.model, args.out, args.method, args.calib, args.group_size, args.keep_float,
-                             args.alpha, args.soc, args.force, args.bits, args.damp_percent)
+                             args.alpha, args.soc, args.force, args.bits, args.damp_percent, args.format)
     if args.method == "gptq":
         print(f"gptq {args.bits}-bit, group {record['group_size']}: wrote {args.out} ({record['bytes'] / 1e6:.1f} MB "
               f"of weights; {record['linears']} linears, {record['calibration']['tokens']} calibration tokens)")

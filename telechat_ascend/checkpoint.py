@@ -37,6 +37,7 @@ SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.model", "token
 
 HF_SAFETENSORS = ("model.safetensors", "model.safetensors.index.json")
 HF_BIN = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+MSMODELSLIM = ("quant_model_weights.safetensors", "quant_model_weights.safetensors.index.json")
 MS_CKPT = "mindspore_model.ckpt"
 MS_SAFETENSORS = ("mindspore_model.safetensors", "param_name_map.json")
 
@@ -121,6 +122,7 @@ def find_weights(path: str | Path) -> WeightFiles:
         ("ms-safetensors", MS_SAFETENSORS[0], MS_SAFETENSORS[1]),
         ("safetensors", *HF_SAFETENSORS),
         ("bin", *HF_BIN),
+        ("safetensors", *MSMODELSLIM),
     ]
     for kind, single, index in candidates:
         if index and (path / index).is_file():
@@ -263,13 +265,14 @@ class ShardedSafetensorsWriter:
     """Writes tensors into safetensors shards of at most `max_shard_bytes` (a larger tensor gets a shard of its own)
     and an index. Holds at most one shard in memory.
 
-    HF layout: model-0000i-of-0000N.safetensors + model.safetensors.index.json, or model.safetensors alone.
+    HF layout: model-0000i-of-0000N.safetensors + model.safetensors.index.json, or model.safetensors alone (always
+    numbered, with the index, when `numbered`, as msModelSlim writes).
     MindSpore layout: mindspore_model-…safetensors + param_name_map.json (name -> file), MindFormers' name.
     """
 
     def __init__(self, folder: Path, stem: str, index_name: str, max_shard_bytes: int, metadata: dict[str, str],
-                 hf_index: bool):
-        self.folder, self.stem, self.index_name = folder, stem, index_name
+                 hf_index: bool, numbered: bool = False):
+        self.folder, self.stem, self.index_name, self.numbered = folder, stem, index_name, numbered
         self.max_shard_bytes, self.metadata, self.hf_index = max_shard_bytes, metadata, hf_index
         self._pending: dict[str, np.ndarray] = {}
         self._pending_bytes = 0
@@ -297,10 +300,11 @@ class ShardedSafetensorsWriter:
         count = len(self._shards)
         weight_map = {}
         for number, names in enumerate(self._shards, start=1):
-            final = f"{self.stem}.safetensors" if count == 1 else f"{self.stem}-{number:05d}-of-{count:05d}.safetensors"
+            final = (f"{self.stem}.safetensors" if count == 1 and not self.numbered
+                     else f"{self.stem}-{number:05d}-of-{count:05d}.safetensors")
             (self.folder / f"{self.stem}-{number:05d}.partial").rename(self.folder / final)
             weight_map.update(dict.fromkeys(names, final))
-        if count > 1 or not self.hf_index:
+        if count > 1 or self.numbered or not self.hf_index:
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map} if self.hf_index else weight_map
             (self.folder / self.index_name).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 

@@ -18,12 +18,14 @@ from telechat_ascend.checkpoint import (DTYPES, atomic_output_dir, cast, copy_si
                                         mindspore_writer, parse_size)
 from telechat_ascend.config import TeleChatConfig
 from telechat_ascend.errors import TeleChatError
+from telechat_ascend.files import read_json_object
 from telechat_ascend.gptq_format import float_names, group_packed
+from telechat_ascend.msmodelslim_format import DESCRIPTION, STEM, write_msmodelslim
 from telechat_ascend.weights import LM_HEAD, TensorSpec, check_names, check_shape, detect_hf_prefix, hf_name, \
     tensor_specs
 
 DEFAULT_SHARD_SIZE = "2GB"
-TARGETS = ("mindspore", "hf")
+TARGETS = ("mindspore", "hf", "msmodelslim")  # msmodelslim: from an int8 folder of `quantize`
 MINDSPORE_FORMATS = ("ckpt", "safetensors")
 
 # What a MindFormers training checkpoint holds besides the weights: optimizer moments, loss-scale and step counters.
@@ -52,6 +54,12 @@ def convert_checkpoint(src: str | Path, dst: str | Path, to: str, dtype: str | N
     to="hf": HF names (the source's key prefix when it is HF, else the prefix the config's release uses), as sharded
     safetensors; this also turns pytorch .bin folders into safetensors.
     """
+    if to == "msmodelslim":
+        out = write_msmodelslim(src, dst, force, max_shard_size)
+        written = [n for n in read_json_object(out / DESCRIPTION, "description") if "." in n]
+        return ConversionReport(output=out, tensors=len(written), bytes=sum(f.stat().st_size for f in
+                                                                            out.glob("*.safetensors")),
+                                side_files=[f.name for f in out.iterdir() if not f.name.startswith(STEM)])
     if fmt not in MINDSPORE_FORMATS:
         raise TeleChatError(f"unknown format {fmt!r}; choose one of {', '.join(MINDSPORE_FORMATS)}")
     shard_bytes = parse_size(max_shard_size)
@@ -78,8 +86,8 @@ class ConvertedTensors:
     converter writes them to disk; the MindSpore backend loads an HF folder through them."""
 
     def __init__(self, src: str | Path, to: str, dtype: str | None = None):
-        if to not in TARGETS:
-            raise TeleChatError(f"unknown target {to!r}; choose one of {', '.join(TARGETS)}")
+        if to not in TARGETS[:2]:
+            raise TeleChatError(f"unknown target {to!r}; choose one of {', '.join(TARGETS[:2])}")
         if dtype is not None and dtype not in DTYPES:
             raise TeleChatError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
         self.src = Path(src)
