@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from telechat_ascend.chips import check_quantization_for_chip
 from telechat_ascend.errors import TeleChatError
 from telechat_ascend.weights import some_names
 
@@ -113,21 +114,11 @@ def _device_type(x: torch.Tensor) -> str:
     return x.device.type
 
 
-def check_chip_groups(chip: str | None, group_size: int) -> None:
-    if chip == "310p" and group_size:
-        raise TeleChatError("Atlas 300I (310P) runs npu_weight_quant_batchmatmul per channel only (it takes no "
-                            "antiquant_group_size there): quantize without --group-size for this card")
-
-
 def int8_kernel(device_type: str, chip: str, method: str, rows: int, in_features: int, group_size: int,
                 out_features: int = 16) -> str:
     """Which implementation an Int8Linear or Int4Linear call runs (see the module docstring)."""
     if device_type == "npu":
-        check_chip_groups(chip, group_size)
-        if chip == "310p" and method == "w4a16":
-            raise TeleChatError("Atlas 300I (310P) has no int4 matmul (npu_weight_quant_batchmatmul takes int8 "
-                                "weights there): run a 4-bit GPTQ folder on an Atlas A2/A3, or quantize the float "
-                                "model with --method w8a8 or w8a16 for this card")
+        check_quantization_for_chip(chip, method, group_size)
         return "npu_quant_matmul" if method == "w8a8" else "npu_weight_quant_batchmatmul"
     if device_type != "cpu" or rows > CPU_DECODE_ROWS:
         return "dequant"

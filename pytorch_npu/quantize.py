@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from telechat_ascend.checkpoint import atomic_output_dir, copy_side_files
+from telechat_ascend.chips import check_quantization_for_chip
 from telechat_ascend.config import TeleChatConfig
 from telechat_ascend.errors import TeleChatError
 from telechat_ascend.files import read_text
@@ -37,7 +38,7 @@ from telechat_ascend.tokenizer import TeleChatTokenizer
 from .backend import CALIB_SAMPLES, CALIB_TOKENS, FORMATS
 from .device import resolve_device, resolve_dtype
 from .pretrained import from_pretrained
-from .quant import (QMAX, Int8Linear, check_chip_groups, check_quantization, quantizable_linears, set_chip,
+from .quant import (QMAX, Int8Linear, check_quantization, quantizable_linears, set_chip,
                     set_module, weight_bytes)
 
 FP16_TINY = torch.finfo(torch.float16).tiny
@@ -248,15 +249,15 @@ def quantize_folder(src: str | Path, out: str | Path, method: str, calib: str | 
         raise TeleChatError(f"{out} already exists; pass --force to overwrite it")
     if method == "gptq":
         from .gptq import quantize_folder as gptq_folder
-        if keep_float or soc:
-            raise TeleChatError("--keep-float and --soc do not apply to --method gptq (every linear is quantized, and "
-                                "GPTQ folders run on Atlas A2/A3, not on 310P: see the README's support matrix)")
+        check_quantization_for_chip(soc, "w8a16" if bits == 8 else "w4a16", group_size or 128, "gptq")
+        if keep_float:
+            raise TeleChatError("--keep-float does not apply to --method gptq: every linear is quantized")
         return gptq_folder(src, out, bits, calib, 128 if group_size is None else group_size, damp_percent, force,
                            progress=True)
     group_size = group_size or 0
     # Everything that can be checked before loading the model is.
     check_options(method, group_size, keep_float, calib is not None, alpha)
-    check_chip_groups(soc, group_size)
+    check_quantization_for_chip(soc, method, group_size, fmt)
     texts = read_prompts(calib) if calib else []
     model, dtype = load_float_model(src)
     calibration = calibration_ids(TeleChatTokenizer.from_pretrained(src), texts)

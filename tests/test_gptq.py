@@ -381,7 +381,9 @@ def test_quantize_gptq_rejects_bad_options(trained, tmp_path):
                                                   "transformer.h.0.self_attention.query"),
              (dict(), "gptq needs calibration prompts"),
              (dict(calib=calib, damp_percent=0.0), "--damp-percent must be in"),
-             (dict(calib=calib, soc="310p"), "not on 310P")]
+             (dict(calib=calib, soc="310p"), "takes no antiquant_group_size on Atlas 300I \\(310P\\)"),
+             (dict(calib=calib, soc="310p", bits=4), "310P\\) has no int4 matmul"),
+             (dict(calib=calib, keep_float=1), "--keep-float does not apply to --method gptq")]
     for kwargs, message in cases:
         with pytest.raises(TeleChatError, match=message):
             quantize_folder(folder, tmp_path / "out", "gptq", **kwargs)

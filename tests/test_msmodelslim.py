@@ -200,3 +200,25 @@ def test_msmodelslim_options_are_checked_before_any_work(folders, tmp_path, caps
     assert main(["convert", "--to", "msmodelslim", str(grouped), str(tmp_path / "c")]) == 1
     assert "group_size 32: vllm-ascend's W8A16 takes per-channel scales only" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("chip, method, group, fmt, refused", [
+    ("310p", "w8a16", 0, "ours", None), ("310p", "w8a8", 0, "ours", None), ("310p", "w8a8", 0, "msmodelslim", None),
+    ("310p", "w8a16", 128, "gptq", "takes no antiquant_group_size"), ("310p", "w4a16", 128, "gptq", "no int4"),
+    ("310p", "w8a16", 0, "msmodelslim", "W8A8, W8A8_DYNAMIC, W8A8S and W8A8SC only"),
+    ("910b", "w4a16", 128, "gptq", None), ("910b", "w8a16", 0, "msmodelslim", None), (None, "w8a16", 32, "ours", None),
+])
+def test_chip_policy(chip, method, group, fmt, refused):
+    from telechat_ascend.chips import check_quantization_for_chip
+    if refused is None:
+        check_quantization_for_chip(chip, method, group, fmt)
+    else:
+        with pytest.raises(TeleChatError, match=refused):
+            check_quantization_for_chip(chip, method, group, fmt)
+
+
+def test_quantize_for_310p_in_msmodelslim_takes_w8a8_only(folders, tmp_path):
+    src, _, _ = folders["12B", "w8a16"]
+    with pytest.raises(TeleChatError, match="vllm-ascend on Atlas 300I \\(310P\\) loads"):
+        quantize_folder(src, tmp_path / "a", "w8a16", soc="310p", fmt="msmodelslim")
+    assert not (tmp_path / "a").exists()
