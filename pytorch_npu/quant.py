@@ -12,10 +12,16 @@ along K (the input dimension) only, for the same reason.
 
 Kernels, by device and chip (`int8_kernel`):
 
-| method | 910b, a3                     | 310p                                | cpu, ≤ 16 rows, K % 8 = 0 | otherwise |
-|--------|------------------------------|-------------------------------------|---------------------------|-----------|
-| w8a16  | npu_weight_quant_batchmatmul | same, fp16, per channel only        | _weight_int8pack_mm       | dequant   |
-| w8a8   | npu_quant_matmul             | same, weight cast to NZ, int32 bias | _weight_int8pack_mm       | dequant   |
+| method         | 910b, a3                          | 310p                                | cpu, ≤ 16 rows          | otherwise |
+|----------------|-----------------------------------|-------------------------------------|-------------------------|-----------|
+| w8a16          | npu_weight_quant_batchmatmul      | same, fp16, per channel only        | _weight_int8pack_mm     | dequant   |
+| w8a16, groups  | same, antiquant_group_size        | refused (telechat_ascend.chips)     | 2 × int4 kernel (below) | dequant   |
+| w8a8           | npu_quant_matmul                  | same, weight cast to NZ, int32 bias | _weight_int8pack_mm     | dequant   |
+| w4a16 (GPTQ)   | same, int4 packed 8 per int32     | refused (no int4 matmul)            | _weight_int4pack_mm_for_cpu | dequant |
+
+The CPU int8 kernel needs K % 8 = 0; the int4 one groups of 32-256 and N % 16 = 0. torch's CPU int8-weight kernel
+takes one scale per row only, so grouped int8 (GPTQ 8-bit) runs as two grouped int4 matmuls over the high and low
+nibbles of each code (`_int4_halves`).
 
 On CPU torch's int8-weight kernel (`_weight_int8pack_mm`) is vectorized for bf16 activations only (fp32 and fp16
 take a scalar loop several times slower than an fp32 matmul), so decode-sized inputs go through it in bf16 and come
@@ -122,11 +128,11 @@ def int8_kernel(device_type: str, chip: str, method: str, rows: int, in_features
         return "npu_quant_matmul" if method == "w8a8" else "npu_weight_quant_batchmatmul"
     if device_type != "cpu" or rows > CPU_DECODE_ROWS:
         return "dequant"
-    if method == "w4a16":  # the CPU int4 kernel's rules: whole groups of 32..256, N a multiple of 16
+    if method == "w4a16" or group_size:  # the CPU int4 kernel's rules: whole groups of 32..256, N % 16 == 0
         fits = group_size in (32, 64, 128, 256) and in_features % group_size == 0 and out_features % 16 == 0
         return "int4pack_mm" if fits else "dequant"
-    # The CPU kernel loads bf16 rows with aligned 16-byte loads: K (and each group) must be a multiple of 8.
-    return "int8pack_mm" if in_features % 8 == 0 and group_size % 8 == 0 else "dequant"
+    # The CPU int8 kernel loads bf16 rows with aligned 16-byte loads: K must be a multiple of 8.
+    return "int8pack_mm" if in_features % 8 == 0 else "dequant"
 
 
 def _npu_weight_quant_batchmatmul_args(x, weight, scale, bias, group_size):
@@ -222,10 +228,9 @@ class Int8Linear(nn.Module):
         # A fresh contiguous bf16 copy: the kernel's aligned loads crash on an offset view (e.g. hidden[:, -1:]).
         a = self._activation(x2).to(torch.bfloat16, memory_format=torch.contiguous_format, copy=True)
         weight, scale, bias = self._operands("cpu", torch.bfloat16)
-        if self.group_size:  # one call per group of inputs (the kernel takes one scale per row), summed in fp32
-            g = self.group_size
-            y = sum(torch._weight_int8pack_mm(a[:, i * g:(i + 1) * g].contiguous(), weight[i], scale[i]).float()
-                    for i in range(len(weight)))
+        if self.group_size:  # the two int4 halves of each code (see _int4_halves), each on the grouped int4 kernel
+            y = sum(torch._weight_int4pack_mm_for_cpu(a, packed, self.group_size, scales_and_zeros).float()
+                    for packed, scales_and_zeros in weight)
         else:
             y = torch._weight_int8pack_mm(a, weight, scale)
         return y if bias is None else y.float() + bias
@@ -256,10 +261,8 @@ class Int8Linear(nn.Module):
             if chip == "cpu":  # _weight_int8pack_mm: bf16 scales of the integer product
                 bias = None if self.bias is None else self.bias.float()
                 operands = (kernel_friendly(self.weight), self._row_scale().to(dtype), bias)
-                if self.group_size:  # per group: [G, N, group] int8 and [G, N] scales, each slice contiguous
-                    n, k = self.weight.shape
-                    weight = self.weight.reshape(n, k // self.group_size, self.group_size).transpose(0, 1)
-                    operands = (weight.contiguous(), self.weight_scale.t().to(dtype).contiguous(), bias)
+                if self.group_size:
+                    operands = (_int4_halves(self.weight, self.weight_scale, dtype), None, bias)
             elif self.method == "w8a16":
                 # 310P and fp16 x: fp16 bias; bf16 x (A2): fp32 bias. The scale is in x's dtype.
                 bias = None if self.bias is None else self.bias.to(torch.float16 if dtype == torch.float16
@@ -337,11 +340,9 @@ class Int4Linear(Int8Linear):
         key = (self.weight.device, chip, dtype, tuple(t.data_ptr() for t in self.buffers()))
         if self._kernel_operands is None or self._kernel_operands[0] != key:
             codes = self.codes().int()
-            if chip == "cpu":
-                # The kernel computes (nibble - 8) · scale + zero: our nibbles are code + 8 and the zero is 0.
-                weight = torch._convert_weight_to_int4pack_for_cpu(codes + 8, 1)
-                scale = self.weight_scale.t().to(dtype)
-                operands = (weight, torch.stack([scale, torch.zeros_like(scale)], -1).contiguous(), self._float_bias())
+            if chip == "cpu":  # our nibbles are code + 8, and the zero is 0
+                scale = self.weight_scale.float()
+                operands = (*_int4_pack_operands(codes + 8, scale, torch.zeros_like(scale), dtype), self._float_bias())
             else:  # int4 codes in int32, logical (K, N), packed eight to an int32 along N
                 weight = load_torch_npu().npu_convert_weight_to_int4pack(codes.t().contiguous())
                 bias = None if self.bias is None else self.bias.to(torch.float16 if dtype == torch.float16
@@ -356,6 +357,25 @@ class Int4Linear(Int8Linear):
         # The packed weight is already the logical (K, N / 8): passed as is, not as a transposed view.
         args, kwargs = _npu_weight_quant_batchmatmul_args(x2.to(dtype), weight.t(), scale, bias, self.group_size)
         return load_torch_npu().npu_weight_quant_batchmatmul(*args, **kwargs)
+
+
+def _int4_pack_operands(nibbles: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype):
+    """(packed weight, scales_and_zeros [G, N, 2]) of `_weight_int4pack_mm_for_cpu`, which computes
+    x · ((nibble − 8) · scale + zero)ᵀ per group; nibbles int [N, K] in [0, 15], scale and zero [N, G]."""
+    return (torch._convert_weight_to_int4pack_for_cpu(nibbles.int(), 1),
+            torch.stack([scale.t(), zero.t()], -1).to(dtype).contiguous())
+
+
+def _int4_halves(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype):
+    """Grouped int8 on the grouped int4 kernel (CPU torch has no grouped int8 one): a code c in [-128, 127] is
+    16·hi + lo with lo = c mod 16 in [0, 15] and hi in [-8, 7], so s·c = (hi + 8 − 8)·16s + (lo − 8)·s + 8s: two int4
+    matmuls reading 4 bits each, the int8 weight's bytes in all."""
+    c = codes.to(torch.int16)
+    lo = c & 15
+    hi = (c - lo) // 16
+    s = scale.float()
+    return (_int4_pack_operands(hi + 8, 16 * s, torch.zeros_like(s), dtype),
+            _int4_pack_operands(lo, s, 8 * s, dtype))
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
@@ -435,6 +455,7 @@ def load_converted(model_class, config, state: dict[str, torch.Tensor], dtype, f
     for name, module in model.named_modules():
         if isinstance(module, Int8Linear):
             module.check_state(name, folder)
+            module._operands("cpu", torch.bfloat16)  # the CPU kernels' layout now, not in the first decode step
     return model.eval()
 
 

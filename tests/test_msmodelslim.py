@@ -15,7 +15,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-import pytorch_npu  # noqa: F401  (registers TeleChat with transformers)
+import pytorch_npu.modeling_telechat  # noqa: F401  (registers TeleChat with transformers)
 import vllm_ascend_source
 from pytorch_npu.quantize import quantize_folder
 from telechat_ascend.cli import main
