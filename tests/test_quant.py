@@ -546,10 +546,21 @@ class FakeQuantNpu:
         self.nz.add(out.data_ptr())
         return out
 
+    def _npu_convert_weight_to_int4pack(self, weight, inner_k_tiles, **_):
+        # Documented: int32 holding int4 values, last dimension a multiple of 8; eight values per int32 along it.
+        assert self.chip != "310p" and weight.dtype == torch.int32 and weight.shape[-1] % 8 == 0
+        assert weight.min() >= -8 and weight.max() <= 7 and inner_k_tiles == 0
+        nibbles = (weight & 15).reshape(*weight.shape[:-1], -1, 8)
+        return sum(nibbles[..., i] << (4 * i) for i in range(8)).to(torch.int32)
+
     def _npu_weight_quant_batchmatmul(self, x, weight, antiquant_scale, antiquant_offset, quant_scale, quant_offset,
                                       bias, antiquant_group_size, inner_precise, **_):
         assert x.dim() == 2
-        k, n = x.shape[1], weight.shape[1]
+        k, n = x.shape[1], antiquant_scale.shape[-1]
+        if weight.dtype == torch.int32:  # int4 packed eight to an int32 along N (A2/A3 only)
+            assert self.chip != "310p" and weight.shape == (k, n // 8)
+            nibbles = torch.stack([(weight >> (4 * i)) & 15 for i in range(8)], -1).reshape(k, n)
+            weight = torch.where(nibbles > 7, nibbles - 16, nibbles).to(torch.int8)
         assert weight.dtype == torch.int8 and weight.shape == (k, n)
         assert x.dtype in ((torch.float16,) if self.chip == "310p" else (torch.float16, torch.bfloat16))
         assert antiquant_scale.dtype == x.dtype and quant_scale is None and inner_precise == 0
@@ -611,6 +622,30 @@ def test_npu_branches_match_the_cpu_path(version, monkeypatch, chip, method, gro
     assert fake.calls == setup + [kernel, kernel]
     assert got.dtype == dtype and got.shape == (2, 3, 48)
     assert (got.float() - expected).norm() / expected.norm() < 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_npu_int4_branch_matches_the_cpu_path(version, monkeypatch, dtype):
+    """Int4Linear (4-bit GPTQ) on A2: codes packed by npu_convert_weight_to_int4pack, then the grouped
+    npu_weight_quant_batchmatmul; 310P refuses it."""
+    torch.manual_seed(0)
+    codes = torch.randint(-8, 8, (48, 256), dtype=torch.int8)
+    module = quant.Int4Linear.from_codes(codes, (torch.rand(48, 2) * 0.01 + 0.001).half(), torch.randn(48))
+    x = torch.randn(3, 256)
+    fake = FakeQuantNpu(version, "910b")
+    with torch.no_grad():
+        expected = module(x)
+        module.chip = "910b"
+        monkeypatch.setattr(quant, "_device_type", lambda t: "npu")
+        monkeypatch.setattr(quant, "load_torch_npu", lambda: fake)
+        got = module(x.to(dtype))
+        module(x.to(dtype))
+    assert fake.calls == ["npu_convert_weight_to_int4pack", "npu_weight_quant_batchmatmul",
+                          "npu_weight_quant_batchmatmul"]
+    assert (got.float() - expected).norm() / expected.norm() < 1e-2
+    module.chip = "310p"
+    with pytest.raises(TeleChatError, match="no int4 matmul"):
+        module(x.half())
 
 
 def test_npu_operands_follow_a_reloaded_state(version, monkeypatch):

@@ -1,0 +1,117 @@
+"""GPTQ against round-to-nearest (RTN) on a trained model: perplexity on held-out text at 4 and 8 bits, group 128,
+both written in the published GPTQ layout and loaded through AutoModelForCausalLM.
+
+    python benchmarks/gptq_vs_rtn.py [--model FLOAT_DIR] [--workdir runs/gptq_bench] [--steps 300]
+
+Without --model it first trains a small TeleChat (hidden 512, 4 layers, ffn 1536: every input size a multiple of
+128) on the first 80% of the bundled corpus; the last 20% is the evaluation text, and calibration prompts come from
+the training part. RTN is GPTQ with an identity Hessian (no error compensation: each weight rounds to its nearest
+grid point under the same symmetric per-group scales).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from pytorch_npu.gptq import quantize_columns, quantize_model, write_folder
+from pytorch_npu.modeling_telechat import TelechatConfig, TelechatForCausalLM
+from pytorch_npu.quant import dequantize_weight, quantizable_linears
+from pytorch_npu.quantize import calibration_ids, compare, load_float_model, read_prompts
+from telechat_ascend.gptq_format import GPTQConfig
+from telechat_ascend.tokenizer import TINY_CORPUS, TeleChatTokenizer, build_tiny_tokenizer
+
+SHAPE = dict(vocab_size=4096, hidden_size=512, n_layer=4, n_head=8, ffn_hidden_size=1536, tie_word_embeddings=False,
+             seq_length=1024)
+
+
+def split_corpus() -> tuple[str, str]:
+    lines = [line for line in TINY_CORPUS.read_text(encoding="utf-8").splitlines() if line.strip()]
+    cut = len(lines) * 4 // 5
+    return "\n".join(lines[:cut]), "\n".join(lines[cut:])
+
+
+def train(folder: Path, steps: int) -> None:
+    build_tiny_tokenizer(folder)
+    train_text, _ = split_corpus()
+    ids = torch.tensor(TeleChatTokenizer.from_pretrained(folder).encode(train_text))
+    torch.manual_seed(0)
+    model = TelechatForCausalLM(TelechatConfig(**SHAPE))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    for step in range(steps):
+        starts = torch.randint(0, len(ids) - 257, (8,)).tolist()
+        batch = torch.stack([ids[s:s + 256] for s in starts])
+        loss = model(batch, labels=batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % 50 == 0 or step == steps - 1:
+            print(f"train step {step}: loss {loss.item():.3f}", flush=True)
+    model.eval().half().save_pretrained(folder)
+
+
+@torch.no_grad()
+def rtn_folder(src: Path, out: Path, config: GPTQConfig) -> None:
+    model, _ = load_float_model(src)
+    quantized = {}
+    for name in quantizable_linears(model):
+        linear = model.get_submodule(name)
+        codes, scales = quantize_columns(linear.weight, torch.eye(linear.in_features), config.bits,
+                                         config.group_size, config.damp_percent)
+        linear.weight.copy_(dequantize_weight(codes, scales))
+        quantized[name] = codes, scales
+    write_folder(model, quantized, config, src, out, force=True)
+
+
+def gptq_folder(src: Path, out: Path, config: GPTQConfig, calib: Path) -> None:
+    model, _ = load_float_model(src)
+    batches = calibration_ids(TeleChatTokenizer.from_pretrained(src), read_prompts(calib))
+    with torch.no_grad():
+        quantized = quantize_model(model, batches, config)
+    write_folder(model, quantized, config, src, out, force=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, help="a trained float TeleChat folder (default: train one)")
+    parser.add_argument("--workdir", type=Path, default=Path("runs/gptq_bench"))
+    parser.add_argument("--steps", type=int, default=300, help="training steps when no --model is given")
+    args = parser.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    src = args.model or args.workdir / "float"
+    if args.model is None and not (src / "config.json").is_file():
+        start = time.perf_counter()
+        train(src, args.steps)
+        print(f"trained in {time.perf_counter() - start:.0f} s")
+    train_text, eval_text = split_corpus()
+    calib = args.workdir / "calib.jsonl"
+    calib.write_text("".join(json.dumps({"text": line}, ensure_ascii=False) + "\n"
+                             for line in train_text.splitlines()[:128]), encoding="utf-8")
+    ids = TeleChatTokenizer.from_pretrained(src).encode(eval_text)
+    float_model, _ = load_float_model(src)
+    rows = []
+    for bits in (8, 4):
+        config = GPTQConfig(bits, 128)
+        for method, build in (("rtn", lambda out: rtn_folder(src, out, config)),
+                              ("gptq", lambda out: gptq_folder(src, out, config, calib))):
+            out = args.workdir / f"{method}{bits}"
+            start = time.perf_counter()
+            build(out)
+            seconds = time.perf_counter() - start
+            result = compare(float_model, AutoModelForCausalLM.from_pretrained(out).eval(), ids, 256)
+            rows.append((f"{method} {bits}-bit", result, seconds))
+    print(f"\n{len(ids)} held-out tokens; float perplexity {rows[0][1]['ppl_float']:.3f}")
+    print("| quantization | perplexity | vs float | greedy agreement | logits rel. error | quantize s |")
+    print("|---|---|---|---|---|---|")
+    for name, r, seconds in rows:
+        print(f"| {name} | {r['ppl_int8']:.3f} | {r['ppl_increase'] * 100:+.2f}% | {r['greedy_agreement']:.3f} | "
+              f"{r['logits_rel_error']:.4f} | {seconds:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
