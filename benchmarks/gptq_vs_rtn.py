@@ -6,8 +6,8 @@ both written in the published GPTQ layout and loaded through AutoModelForCausalL
 Without --model it first trains a small TeleChat (hidden 512, 4 layers, ffn 1536: every input size a multiple of
 128) on the bundled corpus. A model this small and this briefly trained memorizes its text rather than generalizing
 (held-out perplexity is above the vocabulary size), so the evaluation text is text it models: corpus lines after
-the first 128, which are the calibration prompts (no line is both). RTN is GPTQ with an identity Hessian (no error compensation: each weight rounds to its nearest
-grid point under the same symmetric per-group scales).
+the first 128, which are the calibration prompts (no line is both). RTN is GPTQ with an identity Hessian (no error
+compensation: each weight rounds to its nearest grid point under the same symmetric per-group scales).
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from telechat_ascend.weights import LM_HEAD
 
 from . import quant
 from .configuration_telechat import TelechatConfig
-from .quant import LINEARS, load_converted, numpy_to_torch as _torch, pack_int4, quantizable_linears
+from .quant import LINEARS, load_converted, numpy_to_torch, pack_int4, quantizable_linears
 
 PREFIX = "transformer."
 
@@ -53,7 +53,7 @@ def load_gptq(model_class, folder: str | Path, dtype: torch.dtype | str = torch.
     state = {}
     for path, item, *array in group_packed(weights.tensors(), str(folder)):
         if array:
-            state[_model_name(item, prefixed)] = _torch(array[0])
+            state[_model_name(item, prefixed)] = numpy_to_torch(array[0])
             continue
         name = _model_name(item.name, prefixed)
         if name.rsplit(".", 1)[-1] not in LINEARS or name not in linears:
@@ -104,7 +104,8 @@ def quantize_columns(weight: torch.Tensor, hessian: torch.Tensor, bits: int, gro
             column = start + i
             if column % group_size == 0:
                 g = column // group_size
-                scales[:, g] = (2 * w1[:, i:i + group_size].abs().amax(1) / maxq).clamp(min=torch.finfo(torch.float16).tiny).half()
+                absmax = w1[:, i:i + group_size].abs().amax(1)
+                scales[:, g] = (2 * absmax / maxq).clamp(min=torch.finfo(torch.float16).tiny).half()
                 scale = scales[:, g].float()
             q = torch.clamp(torch.round(w1[:, i] / scale) + zero, 0, maxq)
             codes[:, column] = (q - zero).to(torch.int8)

@@ -80,10 +80,10 @@ def weight_file_candidates(folder: Path) -> list[Path]:
     model_file_base_name) as .safetensors or .bin."""
     data = read_json_object(folder / QUANTIZE_CONFIG, "GPTQ quantize config")
     base = data.get("model_file_base_name")
-    stems = [base] if isinstance(base, str) and base else []
+    stems = [base] if isinstance(base, str) and base and Path(base).name == base else []  # a name, not a path
     stems += sorted({p.name.rsplit(".", 1)[0] for p in folder.glob("gptq_model-*")})
     return [folder / f"{stem}.{ext}" for stem in stems for ext in ("safetensors", "bin")
-            if (folder / f"{stem}.{ext}").is_file() and "/" not in stem and stem not in ("", ".", "..")]
+            if (folder / f"{stem}.{ext}").is_file()]
 
 
 # --- packing -------------------------------------------------------------------------------------------------------

@@ -64,11 +64,11 @@ def source(module: str) -> str:
 def _function(module: str, name: str, inside_class_registered_as: tuple | None = None):
     tree = ast.parse(source(module))
     nodes = tree.body
-    if inside_class_registered_as:
-        nodes = [n for c in tree.body if isinstance(c, ast.ClassDef) for n in c.body
-                 if any(isinstance(d, ast.Call) and [ast.literal_eval(a) for a in d.args] == list(inside_class_registered_as)
-                        for d in c.decorator_list)] or [n for c in tree.body if isinstance(c, ast.ClassDef)
-                                                        for n in c.body]
+    if inside_class_registered_as:  # the methods of the class registered under that name, else of every class
+        classes = [c for c in tree.body if isinstance(c, ast.ClassDef)]
+        registered = [c for c in classes if any(isinstance(d, ast.Call) and [ast.literal_eval(a) for a in d.args]
+                                                == list(inside_class_registered_as) for d in c.decorator_list)]
+        nodes = [n for c in registered or classes for n in c.body]
     for node in nodes:
         if isinstance(node, ast.FunctionDef) and node.name == name:
             namespace = {"torch": torch, "Any": Any, "logger": None}
