@@ -341,8 +341,9 @@ def run_eval(args) -> None:
     int8_model = load_for_eval(args.int8_model, args.device, args.dtype, args.soc)
     if not any(isinstance(m, Int8Linear) for m in int8_model.modules()):
         raise TeleChatError(f"{args.int8_model} holds no int8 layers: pass the folder `quantize` wrote")
-    # quantize keeps the embedding as it was: a different one means another float model.
-    embeddings = (m.get_input_embeddings().weight for m in (float_model, int8_model))
+    # quantize keeps the embedding as it was (GPTQ folders: rounded to fp16, as published): a different one means
+    # another float model.
+    embeddings = (m.get_input_embeddings().weight.half() for m in (float_model, int8_model))
     if not torch.equal(*embeddings):
         raise TeleChatError(f"{args.int8_model} was not quantized from {args.float_model} (their word embeddings "
                             f"differ): pass the float model that `quantize --model` read")

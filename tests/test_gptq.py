@@ -9,16 +9,22 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.numpy import load_file
 from transformers import AutoModelForCausalLM
 
 from conftest import train_on
-import pytorch_npu.modeling_telechat  # noqa: F401  (registers TeleChat with transformers)
 from pytorch_npu import quant
+from pytorch_npu.gptq import quantize_columns
 from pytorch_npu.pretrained import from_pretrained
+from pytorch_npu.quantize import quantize_folder
+from pytorch_npu.configuration_telechat import TelechatConfig
+from pytorch_npu.modeling_telechat import TelechatForCausalLM  # also registers TeleChat with transformers
+from telechat_ascend.cli import main
 from telechat_ascend.convert import convert_checkpoint
 from telechat_ascend.errors import TeleChatError
 from telechat_ascend.initialize import init_checkpoint
+from telechat_ascend.tokenizer import TINY_CORPUS, TeleChatTokenizer, build_tiny_tokenizer
 
 SHAPES = {  # published config fields changed for a small model; every K a multiple of the 128 group
     "12B": ("tiny", dict(vocab_size=4096, hidden_size=640, n_layer=2, n_head=4, ffn_hidden_size=1792)),  # head 160
@@ -136,7 +142,6 @@ def test_decode_runs_the_low_bit_cpu_kernels(case):
 
 
 def test_generate_command_runs_a_gptq_folder(case, capsys):
-    from telechat_ascend.cli import main
     _, _, folder, _ = case
     main(["generate", "--model", str(folder), "--prompt", "hello", "--max-new-tokens", "4", "--no-do-sample"])
     assert capsys.readouterr().out.strip()
@@ -258,7 +263,6 @@ def correlated_inputs(tokens, k, seed=0):
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_gptq_matches_the_plainly_written_algorithm_on_one_layer(bits):
-    from pytorch_npu.gptq import quantize_columns
     torch.manual_seed(0)
     w, x = torch.randn(48, 256) * 0.05, correlated_inputs(2048, 256)
     h = x.T @ x
@@ -271,7 +275,6 @@ def test_gptq_matches_the_plainly_written_algorithm_on_one_layer(bits):
 
 
 def test_gptq_beats_round_to_nearest_on_the_layer_output():
-    from pytorch_npu.gptq import quantize_columns
     torch.manual_seed(1)
     w, x = torch.randn(64, 256) * 0.05, correlated_inputs(2048, 256, seed=1)
     codes, scales = quantize_columns(w, x.T @ x, 4, 128, 0.01)
@@ -286,9 +289,6 @@ def test_gptq_beats_round_to_nearest_on_the_layer_output():
 def trained(tmp_path_factory):
     """A small TeleChat (every K a multiple of 128) trained on a few lines of the bundled corpus, as a float folder
     with the tiny tokenizer, the text, and calibration prompts from the first half of its lines."""
-    from pytorch_npu.configuration_telechat import TelechatConfig
-    from pytorch_npu.modeling_telechat import TelechatForCausalLM
-    from telechat_ascend.tokenizer import TINY_CORPUS, TeleChatTokenizer, build_tiny_tokenizer
     folder = tmp_path_factory.mktemp("float")
     build_tiny_tokenizer(folder)
     lines = TINY_CORPUS.read_text(encoding="utf-8").splitlines()[:25]
@@ -339,8 +339,6 @@ def rtn_folder(src, out, bits):
 
 
 def test_quantize_gptq_writes_the_published_layout_and_beats_round_to_nearest(trained, tmp_path, published):
-    from safetensors import safe_open
-    from telechat_ascend.cli import main
     folder, ids = trained
     out = tmp_path / "gptq4"
     main(["quantize", "--method", "gptq", "--bits", "4", "--model", str(folder), "--out", str(out),
@@ -371,7 +369,6 @@ def test_quantize_gptq_writes_the_published_layout_and_beats_round_to_nearest(tr
 
 
 def test_quantize_gptq_rejects_bad_options(trained, tmp_path):
-    from pytorch_npu.quantize import quantize_folder
     folder, _ = trained
     calib = folder / "calib.jsonl"
     cases = [(dict(bits=3, calib=calib), "--bits must be 4 or 8"),
@@ -387,3 +384,17 @@ def test_quantize_gptq_rejects_bad_options(trained, tmp_path):
         with pytest.raises(TeleChatError, match=message):
             quantize_folder(folder, tmp_path / "out", "gptq", **kwargs)
         assert not (tmp_path / "out").exists()
+
+
+def test_eval_quant_and_chat_run_a_gptq_folder_made_here(trained, tmp_path, capsys):
+    folder, ids = trained
+    out = tmp_path / "gptq8"
+    assert main(["quantize", "--method", "gptq", "--model", str(folder), "--out", str(out), "--calib",
+                 str(folder / "calib.jsonl")]) == 0
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(TINY_CORPUS.read_text(encoding="utf-8").splitlines()[:25]), encoding="utf-8")
+    capsys.readouterr()
+    assert main(["eval-quant", "--float", str(folder), "--int8", str(out), "--text", str(text)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["ppl_increase"] < 0.01 and result["greedy_agreement"] > 0.98  # 8-bit on a trained model
+    assert main(["chat", "--model", str(out), "--question", "hello", "--max-new-tokens", "4", "--no-do-sample"]) == 0
