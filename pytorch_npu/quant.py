@@ -152,7 +152,7 @@ class Int8Linear(nn.Module):
     """nn.Linear with int8 weights: y = x · (weight ⊙ weight_scale)ᵀ + bias, and for w8a8 x first rounded to the
     int8 grid of input_scale. Inference only: the state is buffers."""
 
-    WEIGHT_DTYPE = torch.int8
+    WEIGHT_DTYPE, FORMAT = torch.int8, "int8"
 
     def __init__(self, in_features: int, out_features: int, bias: bool, method: str, group_size: int = 0):
         super().__init__()
@@ -187,7 +187,8 @@ class Int8Linear(nn.Module):
                 continue
             where = f"{source}: tensor {name}.{buffer}"
             if tensor.dtype != dtype:
-                raise TeleChatError(f"{where} is {str(tensor.dtype).removeprefix('torch.')}, this format stores "
+                stored = str(tensor.dtype).removeprefix("torch.")
+                raise TeleChatError(f"{where} is {stored}, the {self.FORMAT} format stores "
                                     f"{str(dtype).removeprefix('torch.')}")
             if buffer != "weight":
                 bad = ~(torch.isfinite(tensor.float()) & (tensor.float() > 0))
@@ -302,7 +303,7 @@ class Int4Linear(Int8Linear):
     The CPU kernel is `_weight_int4pack_mm_for_cpu` (bf16 activations, its own tiled weight layout, derived once);
     the NPU one npu_weight_quant_batchmatmul on int4 codes packed eight to an int32 (A2/A3 only)."""
 
-    WEIGHT_DTYPE = torch.uint8
+    WEIGHT_DTYPE, FORMAT = torch.uint8, "int4"
 
     def __init__(self, in_features: int, out_features: int, bias: bool, method: str = "w4a16", group_size: int = 128):
         if in_features % 2 or not group_size:
