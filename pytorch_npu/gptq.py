@@ -20,17 +20,17 @@ from telechat_ascend.checkpoint import atomic_output_dir, copy_side_files, find_
 from telechat_ascend.errors import TeleChatError
 from telechat_ascend.gptq_format import BITS, QUANTIZE_CONFIG, GPTQConfig, group_packed, pack_linear
 from telechat_ascend.tokenizer import TeleChatTokenizer
-from telechat_ascend.weights import LM_HEAD
+from telechat_ascend.config import HF_KEY_PREFIX
+from telechat_ascend.weights import LM_HEAD, canonical_hf_name, detect_hf_prefix, hf_name
 
 from . import quant
 from .configuration_telechat import TelechatConfig
 from .quant import LINEARS, load_converted, numpy_to_torch, pack_int4, quantizable_linears
 
-PREFIX = "transformer."
 
-
-def _model_name(name: str, prefixed: bool) -> str:
-    return name if prefixed or name == LM_HEAD else PREFIX + name
+def _model_name(name: str) -> str:
+    """The model's (prefixed) name of a checkpoint tensor name, prefixed (12B) or not (7B)."""
+    return hf_name(canonical_hf_name(name), HF_KEY_PREFIX)
 
 
 def load_gptq(model_class, folder: str | Path, dtype: torch.dtype | str = torch.float32):
@@ -41,11 +41,8 @@ def load_gptq(model_class, folder: str | Path, dtype: torch.dtype | str = torch.
     gptq: GPTQConfig = weights.gptq
     config = TelechatConfig.from_pretrained(folder, local_files_only=True)
     names = weights.names()
-    prefixed = any(n.startswith(PREFIX) for n in names)
-    if config.tie_word_embeddings and LM_HEAD in names:
-        raise TeleChatError(f"{folder}: the weights hold a separate {LM_HEAD}, but config.json ties the head to the "
-                            f"embedding; set \"tie_word_embeddings\": false")
-    packed_modules = {_model_name(n.rsplit(".", 1)[0], prefixed) for n in names if n.endswith(".qweight")}
+    detect_hf_prefix(names)  # a mixture of prefixed and unprefixed keys is an error
+    packed_modules = {_model_name(n.rsplit(".", 1)[0]) for n in names if n.endswith(".qweight")}
     with torch.device("meta"):
         linears = quantizable_linears(model_class(config))
     config.quantization = {"method": "w8a16" if gptq.bits == 8 else "w4a16", "group_size": gptq.group_size,
@@ -53,9 +50,9 @@ def load_gptq(model_class, folder: str | Path, dtype: torch.dtype | str = torch.
     state = {}
     for path, item, *array in group_packed(weights.tensors(), str(folder)):
         if array:
-            state[_model_name(item, prefixed)] = numpy_to_torch(array[0])
+            state[_model_name(item)] = numpy_to_torch(array[0])
             continue
-        name = _model_name(item.name, prefixed)
+        name = _model_name(item.name)
         if name.rsplit(".", 1)[-1] not in LINEARS or name not in linears:
             raise TeleChatError(f"{path}: unexpected quantized tensors {item.name}.qweight (not a linear TeleChat "
                                 f"quantizes)")
@@ -175,12 +172,12 @@ def write_folder(model, quantized: dict, config: GPTQConfig, src: Path, out: Pat
     quantize_config.json naming it, config.json (torch_dtype float16) and the tokenizer files. Float tensors in
     fp16 as published, under the source's key prefix; a tied head stored once."""
     base = f"gptq_model-{config.bits}bit-{config.group_size}g"
-    prefixed = any(n.startswith(PREFIX) for n in find_weights(src).names() or [PREFIX])
+    prefix = detect_hf_prefix(find_weights(src).names() or [HF_KEY_PREFIX])
     tied = model.config.tie_word_embeddings
     tensors = {}
     for name, tensor in model.state_dict().items():
         module, _, field = name.rpartition(".")
-        stored = name if prefixed or name == LM_HEAD else name.removeprefix(PREFIX)
+        stored = hf_name(canonical_hf_name(name), prefix)
         if tied and name == LM_HEAD:
             continue
         if module in quantized and field == "weight":

@@ -42,7 +42,7 @@ from torch import nn
 
 from telechat_ascend.chips import check_quantization_for_chip
 from telechat_ascend.errors import TeleChatError
-from telechat_ascend.weights import some_names
+from telechat_ascend.weights import LM_HEAD, some_names
 
 from .device import load_torch_npu, normalize_chip, npu_chip
 
@@ -436,11 +436,14 @@ def load_converted(model_class, config, state: dict[str, torch.Tensor], dtype, f
     if dtype == "auto":
         dtype = getattr(config, "torch_dtype", None) or torch.float16
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    tied = config.tie_word_embeddings
+    if tied and LM_HEAD in state:  # it would load, then be replaced by the embedding without a word
+        raise TeleChatError(f"{folder}: the weights hold a separate {LM_HEAD}, but config.json ties the head to the "
+                            f"embedding; set \"tie_word_embeddings\": false")
     with torch.device("meta"):
         model = model_class(config)
     expected = model.state_dict()
-    tied = config.tie_word_embeddings
-    missing = sorted(set(expected) - set(state) - ({"lm_head.weight"} if tied else set()))
+    missing = sorted(set(expected) - set(state) - ({LM_HEAD} if tied else set()))
     unexpected = sorted(set(state) - set(expected))
     wrong = [f"{n} {list(t.shape)} (expected {list(expected[n].shape)})" for n, t in state.items()
              if n in expected and t.shape != expected[n].shape]

@@ -35,13 +35,14 @@ import numpy as np
 
 from telechat_ascend.checkpoint import (DTYPES, MSMODELSLIM, ShardedSafetensorsWriter, atomic_output_dir,
                                         copy_side_files, find_weights, parse_size)
+from telechat_ascend.config import HF_KEY_PREFIX
 from telechat_ascend.errors import TeleChatError
 from telechat_ascend.files import read_json_object
+from telechat_ascend.weights import canonical_hf_name, hf_name
 
 DESCRIPTION = "quant_model_description.json"
 STEM, INDEX = MSMODELSLIM[0].removesuffix(".safetensors"), MSMODELSLIM[1]
 TYPES = {"w8a8": "W8A8", "w8a16": "W8A16"}
-PREFIX = "transformer."
 LINEARS = ("query", "key_value", "dense", "gate_proj", "up_proj", "down_proj")
 
 
@@ -98,7 +99,7 @@ def write_msmodelslim(src: str | Path, out: str | Path, force: bool = False, max
                                           hf_index=True, numbered=True)
 
         def add(name: str, array: np.ndarray, scheme: str) -> None:
-            name = name if name.startswith(PREFIX) or name == "lm_head.weight" else PREFIX + name
+            name = hf_name(canonical_hf_name(name), HF_KEY_PREFIX)
             writer.add(name, array)
             description[name] = scheme
 

@@ -398,3 +398,10 @@ def test_eval_quant_and_chat_run_a_gptq_folder_made_here(trained, tmp_path, caps
     result = json.loads(capsys.readouterr().out)
     assert result["ppl_increase"] < 0.01 and result["greedy_agreement"] > 0.98  # 8-bit on a trained model
     assert main(["chat", "--model", str(out), "--question", "hello", "--max-new-tokens", "4", "--no-do-sample"]) == 0
+
+
+def test_a_separate_head_under_a_tied_config_is_refused(published, tmp_path):
+    folder, _, _ = gptq_folder("7B", tmp_path / "q", 4, published)
+    rewrite_bin(folder, lambda state: state.__setitem__("lm_head.weight", state["word_embeddings.weight"].clone()))
+    with pytest.raises(TeleChatError, match="the weights hold a separate lm_head.weight, but config.json ties"):
+        AutoModelForCausalLM.from_pretrained(folder)
