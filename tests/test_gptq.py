@@ -14,6 +14,7 @@ from safetensors.numpy import load_file
 from transformers import AutoModelForCausalLM
 
 from conftest import train_on
+from isolated import run_isolated
 from pytorch_npu import quant
 from pytorch_npu.gptq import quantize_columns
 from pytorch_npu.pretrained import from_pretrained
@@ -405,3 +406,32 @@ def test_a_separate_head_under_a_tied_config_is_refused(published, tmp_path):
     rewrite_bin(folder, lambda state: state.__setitem__("lm_head.weight", state["word_embeddings.weight"].clone()))
     with pytest.raises(TeleChatError, match="the weights hold a separate lm_head.weight, but config.json ties"):
         AutoModelForCausalLM.from_pretrained(folder)
+
+
+LOW_BIT_KERNELS_ON_LOADED_WEIGHTS = """
+    import sys, torch
+    from transformers import AutoModelForCausalLM
+    import pytorch_npu.modeling_telechat
+    from pytorch_npu import quant
+    model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
+    worst = 0.0
+    with torch.no_grad():
+        for module in (m for m in model.modules() if isinstance(m, quant.Int8Linear)):
+            codes = module.codes() if isinstance(module, quant.Int4Linear) else module.weight
+            weight = quant.dequantize_weight(codes, module.weight_scale)
+            for rows in (1, 3, 8):  # 2 to 16 rows: the decode-sized calls the CPU kernels take
+                x = torch.randn(2, rows + 1, module.in_features)[:, 1:]  # an offset, non-contiguous view
+                assert quant.int8_kernel("cpu", "cpu", module.method, rows * 2, module.in_features,
+                                         module.group_size, module.out_features) == "int4pack_mm"
+                want = x @ weight.T + (0 if module.bias is None else module.bias)
+                worst = max(worst, float((module(x) - want).norm() / want.norm()))
+    print(worst)
+"""
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_low_bit_kernels_survive_loaded_weights_and_views(published, tmp_path, bits):
+    """The CPU int4 kernel (4-bit, and both halves of grouped 8-bit) on weights loaded from a published-layout file,
+    2-16 rows, offset views as input; in a child process, so a crash fails this test only."""
+    folder, _, _ = gptq_folder("12B", tmp_path / "q", bits, published)
+    assert float(run_isolated(LOW_BIT_KERNELS_ON_LOADED_WEIGHTS, str(folder))) < 2e-2
