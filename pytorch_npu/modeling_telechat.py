@@ -144,7 +144,7 @@ class TelechatMLP(nn.Module):
         self.down_proj = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(ops.swiglu(torch.cat([self.gate_proj(x), self.up_proj(x)], dim=-1)))
+        return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class TelechatBlock(GradientCheckpointingLayer):
@@ -314,7 +314,10 @@ class TelechatForCausalLM(TelechatPreTrainedModel, GenerationMixin):
         if labels is not None:
             if loss_mask is not None:
                 labels = labels.masked_fill(~loss_mask.to(torch.bool), -100)
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+            # Position t predicts token t + 1: shift the labels, not the logits (a slice of the logits would be
+            # copied forward and zero-filled backward, each as large as the logits themselves).
+            targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
 
 

@@ -104,13 +104,13 @@ def _npu_swiglu_args(gate_up):
     return (gate_up,), {"dim": -1}
 
 
-def swiglu(gate_up: torch.Tensor, chip: str | None = None) -> torch.Tensor:
-    """silu(gate) * up for gate_up = concat([gate, up], -1); the result is half as wide."""
-    device_type = _device_type(gate_up)
+def swiglu(gate: torch.Tensor, up: torch.Tensor, chip: str | None = None) -> torch.Tensor:
+    """silu(gate) * up. The fused kernel takes the two halves concatenated; the plain path multiplies them as they
+    are (concatenating costs a copy forward and another backward)."""
+    device_type = _device_type(gate)
     if swiglu_kernel(device_type, _chip(device_type, chip)) == "npu_swiglu":
-        args, kwargs = _npu_swiglu_args(gate_up)
+        args, kwargs = _npu_swiglu_args(torch.cat([gate, up], dim=-1))
         return load_torch_npu().npu_swiglu(*args, **kwargs)
-    gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
 
 
