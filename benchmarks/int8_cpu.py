@@ -18,7 +18,7 @@ the bundled corpus: random weights make perplexity meaningless, so the compariso
 of the logits and the share of positions whose argmax agrees.
 
     python benchmarks/int8_cpu.py [--shape 7b-layers|narrow] [--workdir runs/int8_bench] [--cases 100,1000,2000]
-                                  [--new-tokens 100] [--threads N]
+                                  [--new-tokens 100] [--threads N] [--models fp32,w8a16,...] [--json FILE]
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ GPTQ_BITS = {"gptq8": 8, "gptq4": 4}  # GPTQ folders in the published layout (gr
 RSS_DECODE_STEPS = 5
 
 
-def build_folders(workdir: Path, config: dict) -> None:
+def build_folders(workdir: Path, config: dict, models) -> None:
     """The random fp32 model with the tiny tokenizer, a calibration file, and its quantized copies."""
     float_dir = workdir / "fp32"
     if not float_dir.is_dir():
@@ -61,7 +61,7 @@ def build_folders(workdir: Path, config: dict) -> None:
     lines = [line for line in TINY_CORPUS.read_text(encoding="utf-8").splitlines() if line.strip()]
     calib.write_text("".join(json.dumps({"text": line}, ensure_ascii=False) + "\n" for line in lines[-64:]),
                      encoding="utf-8")
-    for method in MODELS[1:]:
+    for method in models[1:]:
         if not (workdir / method).is_dir():
             start = time.perf_counter()
             if method in GPTQ_BITS:
@@ -82,14 +82,14 @@ def timed(model, *args, **kwargs):
 
 
 @torch.no_grad()
-def speed(workdir: Path, vocab_size: int, cases: list[int], new_tokens: int) -> dict:
-    """Prefill and interleaved decode timings of the three models, in this process."""
-    models = {name: load(workdir / name) for name in MODELS}
+def speed(workdir: Path, vocab_size: int, cases: list[int], new_tokens: int, names) -> dict:
+    """Prefill and interleaved decode timings of the models, in this process."""
+    models = {name: load(workdir / name) for name in names}
     results = {name: {"bytes": weight_bytes(model), "cases": {}} for name, model in models.items()}
     generator = torch.Generator().manual_seed(0)
     for length in cases:
         prompt = torch.randint(4, vocab_size, (1, length), generator=generator)
-        state, prefill, steps, tokens = {}, {}, {name: [] for name in MODELS}, {name: [] for name in MODELS}
+        state, prefill, steps, tokens = {}, {}, {name: [] for name in names}, {name: [] for name in names}
         for name, model in models.items():
             out, prefill[name] = timed(model, prompt)
             state[name] = out
@@ -100,7 +100,7 @@ def speed(workdir: Path, vocab_size: int, cases: list[int], new_tokens: int) -> 
                 if len(tokens[name]) < new_tokens:
                     state[name], elapsed = timed(model, token, past_key_values=state[name].past_key_values)
                     steps[name].append(elapsed)
-        for name in MODELS:
+        for name in names:
             decode = sum(steps[name])
             results[name]["cases"][str(length)] = {
                 "prefill_s": prefill[name], "decode_tokens_per_s": len(steps[name]) / decode,
@@ -131,12 +131,12 @@ def folder_bytes(folder: Path) -> int:
     return sum(path.stat().st_size for path in folder.glob("*.safetensors"))
 
 
-def accuracy(workdir: Path, tokens: int = 2048) -> dict:
+def accuracy(workdir: Path, names, tokens: int = 2048) -> dict:
     tokenizer = TeleChatTokenizer.from_pretrained(workdir / "fp32")
     ids = tokenizer.encode(TINY_CORPUS.read_text(encoding="utf-8"))[:tokens]
     float_model = AutoModelForCausalLM.from_pretrained(workdir / "fp32", dtype=torch.float32).eval()
     return {method: compare(float_model, AutoModelForCausalLM.from_pretrained(workdir / method).eval(), ids, 256)
-            for method in MODELS[1:]}
+            for method in names[1:]}
 
 
 def report(workdir: Path, config: dict, results: dict, accuracy_results: dict, cases: list[int]) -> None:
@@ -153,15 +153,28 @@ def report(workdir: Path, config: dict, results: dict, accuracy_results: dict, c
                  for c in (result["cases"][str(n)] for n in cases)]
         print(f"| {name} | {size / 1e6:.0f} | {size / fp16_bytes:.3f} | {memory} | "
               f"{result['peak_rss_bytes'] / 1e6:.0f} | " + " | ".join(cells) + " |")
-    for name in MODELS[1:]:
+    figures = {}
+    for name in list(results)[1:]:
         def speedup(key):
             return ", ".join(f"{results[name]['cases'][str(n)][key] / results['fp32']['cases'][str(n)][key]:.2f}x"
                              for n in cases)
         same = [sum(a == b for a, b in zip(results[name]["cases"][str(n)]["tokens"],
                                            results["fp32"]["cases"][str(n)]["tokens"])) for n in cases]
+        prefill = ", ".join(f"{results['fp32']['cases'][str(n)]['prefill_s'] / results[name]['cases'][str(n)]['prefill_s']:.2f}x"
+                            for n in cases)
+        print(f"{name}: prefill speedup vs fp32 {prefill}; end-to-end {speedup('end_to_end_tokens_per_s')}")
+        for n in cases:
+            mine, fp32 = results[name]["cases"][str(n)], results["fp32"]["cases"][str(n)]
+            figures[f"{name}_{n}"] = {"prefill_vs_fp32": fp32["prefill_s"] / mine["prefill_s"],
+                                      "decode_vs_fp32": mine["decode_tokens_per_s"] / fp32["decode_tokens_per_s"],
+                                      "end_to_end_vs_fp32": mine["end_to_end_tokens_per_s"]
+                                      / fp32["end_to_end_tokens_per_s"]}
         print(f"{name}: decode speedup vs fp32 {speedup('decode_tokens_per_s')} (median step: "
               f"{speedup('decode_median_tokens_per_s')}); generated tokens equal to fp32's, position by position: "
               f"{same}; accuracy {json.dumps({k: round(v, 4) for k, v in accuracy_results[name].items()})}")
+    for name, result in results.items():
+        figures[f"{name}_folder_vs_fp16"] = folder_bytes(workdir / name) / fp16_bytes
+    return figures
 
 
 def main() -> None:
@@ -171,6 +184,8 @@ def main() -> None:
     parser.add_argument("--cases", default="100,1000,2000", help="input lengths")
     parser.add_argument("--new-tokens", type=int, default=100)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--models", default=",".join(MODELS), help="fp32 first, then any of " + ", ".join(MODELS[1:]))
+    parser.add_argument("--json", type=Path, help="also write the ratios here")
     parser.add_argument("--rss-run", type=Path, help=argparse.SUPPRESS)  # the child process
     args = parser.parse_args()
     config, workdir = SHAPES[args.shape], args.workdir / args.shape
@@ -179,14 +194,19 @@ def main() -> None:
     if args.rss_run:
         print(rss_run(args.rss_run, max(cases), config["vocab_size"]))
         return
-    build_folders(workdir, config)
-    results = speed(workdir, config["vocab_size"], cases, args.new_tokens)
-    for name in MODELS:
+    names = args.models.split(",")
+    if names[0] != "fp32" or not set(names) <= set(MODELS):
+        parser.error(f"--models: fp32 first, then any of {', '.join(MODELS[1:])}")
+    build_folders(workdir, config, names)
+    results = speed(workdir, config["vocab_size"], cases, args.new_tokens, names)
+    for name in names:
         child = subprocess.run([sys.executable, __file__, "--shape", args.shape, "--rss-run", str(workdir / name),
                                 "--cases", args.cases, "--threads", str(args.threads)],
                                stdout=subprocess.PIPE, text=True, check=True)
         results[name]["peak_rss_bytes"] = int(child.stdout)
-    report(workdir, config, results, accuracy(workdir), cases)
+    figures = report(workdir, config, results, accuracy(workdir, names), cases)
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,13 +1,15 @@
 """Training-step tokens/s of the MindSpore backend, GRAPH (ms.jit) against PYNATIVE, and against the PyTorch backend
 on the same config, batch and weights, measured in one run (fp32, forward + backward + AdamW step).
 
-    python benchmarks/mindspore_cpu.py [--steps 3] [--batch 2] [--seq-len 256]
+    python benchmarks/mindspore_cpu.py [--steps 3] [--batch 2] [--seq-len 256] [--size 40m|110m] [--json FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
 
 import mindspore as ms
 import numpy as np
@@ -73,6 +75,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--size", choices=SIZES, default="40m")
     parser.add_argument("--skip-pynative", action="store_true", help="GRAPH against PyTorch only (PYNATIVE is slow)")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     config = TeleChatConfig(**SIZES[args.size])
     ids = np.random.default_rng(0).integers(0, config.vocab_size, (args.batch, args.seq_len), dtype=np.int32)
@@ -89,6 +92,9 @@ def main() -> None:
     if "MindSpore PYNATIVE" in results:
         print(f"GRAPH / PYNATIVE speed: {results['MindSpore PYNATIVE'] / results['MindSpore GRAPH']:.2f}x")
     print(f"MindSpore GRAPH / PyTorch speed: {results['PyTorch'] / results['MindSpore GRAPH']:.2f}x")
+    if args.json:
+        args.json.write_text(json.dumps({"graph_s": results["MindSpore GRAPH"], "torch_s": results["PyTorch"],
+                                         "graph_vs_torch": results["PyTorch"] / results["MindSpore GRAPH"]}))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,13 @@
 """Load on `telechat-ascend serve` (PyTorch backend, CPU): a ~100M-parameter TeleChat (fp32, then its w8a16 copy)
 served on loopback, asked by 1, 2, 4, 8 and 16 concurrent streaming clients (httpx + asyncio), a bounded number of
 requests each. Prints, per model and concurrency: output tokens/s, requests/s, time to first token and
-inter-token latency (p50 / p99), errors; then the two ratios the issue sets goals for: tokens/s at 8 streams over
-1 stream (goal >= 4), and p99 inter-token latency at 8 streams over 1 stream (goal <= 3).
+inter-token latency (p50 / p99), errors; then tokens/s at 8 streams over 1 stream (goal >= 4), p99 inter-token
+latency at 8 streams over 1 stream (goal <= 3), tokens/s per stream at 8 streams, and the 8-stream tokens/s as a
+fraction of the memory-bandwidth bound of batched decode (8 tokens per read of the weights, copy bandwidth measured
+in this run; the server's HTTP and sampling work counts against it).
 
     python benchmarks/serve_load.py [--workdir /tmp/serve-load] [--max-tokens 48] [--requests-per-stream 2]
+                                    [--streams 1,2,4,8,16] [--json FILE]
 """
 
 from __future__ import annotations
@@ -124,7 +127,21 @@ def load_arguments(description: str) -> argparse.Namespace:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/serve-load"))
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--requests-per-stream", type=int, default=2)
+    parser.add_argument("--streams", default=",".join(map(str, CONCURRENCY)), help="concurrencies (1 and 8 needed)")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
     return parser.parse_args()
+
+
+def bytes_read_per_step(folder: Path) -> int:
+    """Bytes of the weights a decode step reads: every stored tensor but the (untied) embedding table."""
+    from safetensors import safe_open
+    total = 0
+    for path in folder.glob("*.safetensors"):
+        with safe_open(path, "np") as f:
+            for name in f.keys():
+                if not name.endswith("word_embeddings.weight"):
+                    total += f.get_tensor(name).nbytes
+    return total
 
 
 def main() -> None:
@@ -133,13 +150,17 @@ def main() -> None:
     models = make_models(args.workdir)
     print(f"{'model':6} {'streams':>7} {'req':>4} {'err':>4} {'tok/s':>8} {'req/s':>6} {'ttft p50':>9} "
           f"{'ttft p99':>9} {'itl p50':>8} {'itl p99':>8}")
-    summary = {}
+    summary, figures = {}, {}
+    concurrency = [int(n) for n in args.streams.split(",")]
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from machine import copy_bandwidth
+    bandwidth = copy_bandwidth()
     for name, folder in models.items():
-        process, url = serve(folder, max(CONCURRENCY))
+        process, url = serve(folder, max(concurrency))
         try:
             asyncio.run(load(url, 1, 1, 4))  # warm up
             rows = {}
-            for streams in CONCURRENCY:
+            for streams in concurrency:
                 row = asyncio.run(load(url, streams, args.requests_per_stream, args.max_tokens))
                 rows[streams] = row
                 print(f"{name:6} {streams:7d} {row['requests']:4d} {row['errors']:4d} {row['tokens_per_s']:8.1f} "
@@ -148,10 +169,17 @@ def main() -> None:
         finally:
             process.terminate()
             process.wait()
-        summary[name] = (rows[8]["tokens_per_s"] / rows[1]["tokens_per_s"], rows[8]["itl_p99"] / rows[1]["itl_p99"])
-    for name, (speedup, latency) in summary.items():
+        bound = 8 * bandwidth / bytes_read_per_step(folder)
+        summary[name] = (rows[8]["tokens_per_s"] / rows[1]["tokens_per_s"], rows[8]["itl_p99"] / rows[1]["itl_p99"],
+                         rows[8]["tokens_per_s"] / 8, rows[8]["tokens_per_s"] / bound)
+        figures[name] = dict(zip(("speedup_8_vs_1", "itl_p99_8_vs_1", "tokens_per_s_per_stream_at_8",
+                                  "at_8_vs_bound"), summary[name]))
+    for name, (speedup, latency, per_stream, of_bound) in summary.items():
         print(f"{name}: tokens/s at 8 streams = {speedup:.2f}x 1 stream (goal >= 4); p99 inter-token latency at 8 "
-              f"streams = {latency:.2f}x 1 stream (goal <= 3)")
+              f"streams = {latency:.2f}x 1 stream (goal <= 3); {per_stream:.1f} tokens/s per stream at 8 streams, "
+              f"{of_bound:.0%} of batched decode's bandwidth bound (copy {bandwidth / 1e9:.1f} GB/s)")
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=1))
 
 
 if __name__ == "__main__":

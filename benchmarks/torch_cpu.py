@@ -1,45 +1,48 @@
-"""PyTorch backend on one device (CPU by default), a config of about 100M parameters, fp32:
-(a) training-step tokens/s (forward + backward + AdamW step) at sequence length 512;
-(b) batch-1 decode tokens/s with the KV cache against full recomputation, and decode speed as a fraction of the
-    memory-bandwidth bound (weight bytes read per token ÷ a copy bandwidth measured in the same run).
+"""PyTorch backend on one device (CPU by default), a config of about 110M parameters:
+(a) training-step tokens/s (forward + backward + AdamW step, fp32) at sequence length 512;
+(b) batch-1 decode tokens/s with the KV cache, in fp32 (also against full recomputation), bf16 and w8a16, each as a
+    fraction of its memory-bandwidth bound: the bytes of weights read per token (everything but the embedding
+    table, of which one row is read) over the copy bandwidth measured in the same run.
 
-    python benchmarks/torch_cpu.py [--device cpu|cuda|npu] [--steps 3] [--new-tokens 64]
+    python benchmarks/torch_cpu.py [--device cpu|cuda|npu] [--steps 3] [--new-tokens 64] [--json FILE]
 """
 
 from __future__ import annotations
 
 import argparse
-import time
+import copy
+import json
+from pathlib import Path
 
 import torch
 
+from machine import copy_bandwidth, timed
 from pytorch_npu import TelechatConfig, TelechatForCausalLM
 from pytorch_npu.device import resolve_device
+from pytorch_npu.quantize import quantize_model
 
 CONFIG = dict(vocab_size=16000, hidden_size=768, n_layer=12, n_head=12, ffn_hidden_size=2048,
               tie_word_embeddings=False, seq_length=2048)
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type != "cpu":
-        getattr(torch, device.type).synchronize()
+def bytes_read_per_token(model) -> int:
+    """Every tensor of the state once (a tied head is the embedding), less the embedding table's rows."""
+    seen, total = set(), 0
+    for name, tensor in model.state_dict().items():
+        if tensor.data_ptr() not in seen and not name.endswith("word_embeddings.weight"):
+            seen.add(tensor.data_ptr())
+            total += tensor.numel() * tensor.element_size()
+    embedding = model.get_input_embeddings().weight
+    tied = model.get_output_embeddings().weight.data_ptr() == embedding.data_ptr()
+    return total + (embedding.numel() * embedding.element_size() if tied else embedding[0].nbytes)
 
 
-def timed(device, fn) -> float:
-    synchronize(device)
-    start = time.perf_counter()
-    fn()
-    synchronize(device)
-    return time.perf_counter() - start
-
-
-def copy_bandwidth(device, megabytes: int = 1024) -> float:
-    """Bytes per second moved by a large tensor copy (each byte read once and written once)."""
-    source = torch.ones(megabytes * 2 ** 20 // 4, device=device)
-    target = torch.empty_like(source)
-    target.copy_(source)  # warm up (page faults)
-    seconds = min(timed(device, lambda: target.copy_(source)) for _ in range(3))
-    return 2 * source.numel() * 4 / seconds
+def decode_rate(device, model, prompt, new_tokens: int, use_cache: bool = True) -> float:
+    settings = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
+                    pad_token_id=0, use_cache=use_cache)
+    with torch.no_grad():
+        model.generate(prompt, **{**settings, "max_new_tokens": 4, "min_new_tokens": 4})  # warm up
+        return new_tokens / timed(device, lambda: model.generate(prompt, **settings))
 
 
 def main() -> None:
@@ -49,12 +52,14 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     device = resolve_device(args.device)
     torch.manual_seed(0)
     model = TelechatForCausalLM(TelechatConfig(**CONFIG)).to(device)
     parameters = sum(p.numel() for p in model.parameters())
-    print(f"device {device}, {torch.get_num_threads()} threads, {parameters / 1e6:.1f}M parameters, fp32")
+    print(f"device {device}, {torch.get_num_threads()} threads, {parameters / 1e6:.1f}M parameters")
+    figures = {}
 
     # (a) training step
     model.train()
@@ -69,28 +74,34 @@ def main() -> None:
 
     train_step()  # warm up
     step_seconds = min(timed(device, train_step) for _ in range(args.steps))
-    print(f"(a) train step, seq {args.seq_len}: {step_seconds:.2f} s = {args.seq_len / step_seconds:.0f} tokens/s")
+    figures["train_tokens_per_s"] = args.seq_len / step_seconds
+    print(f"(a) train step, fp32, seq {args.seq_len}: {step_seconds:.2f} s = {args.seq_len / step_seconds:.0f} tokens/s")
+    del optimizer
 
     # (b) decoding
     model.eval()
     prompt = torch.randint(0, CONFIG["vocab_size"], (1, args.prompt_len), device=device)
-    settings = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
-                    eos_token_id=None, pad_token_id=0)
-    with torch.no_grad():
-        model.generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False, eos_token_id=None,
-                       pad_token_id=0)  # warm up
-        cached = timed(device, lambda: model.generate(prompt, use_cache=True, **settings))
-        recomputed = timed(device, lambda: model.generate(prompt, use_cache=False, **settings))
-    cached_rate, recomputed_rate = args.new_tokens / cached, args.new_tokens / recomputed
-    # Per token the whole model is read once; of the embedding table only one row.
-    weight_bytes = (parameters - CONFIG["vocab_size"] * CONFIG["hidden_size"]) * 4
+    variants = {"fp32": model, "bf16": copy.deepcopy(model).to(torch.bfloat16)}
+    if device.type == "cpu":  # the int8 kernels of pytorch_npu.quant
+        variants["w8a16"] = copy.deepcopy(model)
+        quantize_model(variants["w8a16"], "w8a16")
     bandwidth = copy_bandwidth(device)
-    bound = bandwidth / weight_bytes
-    print(f"(b) decode, batch 1, prompt {args.prompt_len}, {args.new_tokens} new tokens:")
-    print(f"    with KV cache:        {cached_rate:.1f} tokens/s")
-    print(f"    full recomputation:   {recomputed_rate:.1f} tokens/s  (cache speed-up {cached_rate / recomputed_rate:.2f}x)")
-    print(f"    copy bandwidth {bandwidth / 1e9:.1f} GB/s, {weight_bytes / 1e6:.0f} MB of weights per token: "
-          f"bound {bound:.1f} tokens/s; cached decode reaches {cached_rate / bound:.0%} of it")
+    figures["copy_bandwidth_gb_s"] = bandwidth / 1e9
+    print(f"(b) decode, batch 1, prompt {args.prompt_len}, {args.new_tokens} new tokens; copy bandwidth "
+          f"{bandwidth / 1e9:.1f} GB/s")
+    for name, variant in variants.items():
+        rate = decode_rate(device, variant, prompt, args.new_tokens)
+        weight_bytes = bytes_read_per_token(variant)
+        bound = bandwidth / weight_bytes
+        figures[f"decode_{name}_tokens_per_s"] = rate
+        figures[f"decode_{name}_vs_bound"] = rate / bound
+        print(f"    {name:6s} {rate:6.1f} tokens/s; {weight_bytes / 1e6:4.0f} MB of weights per token: bound "
+              f"{bound:.1f} tokens/s, reached {rate / bound:.0%}")
+    recomputed = decode_rate(device, model, prompt, args.new_tokens, use_cache=False)
+    print(f"    fp32 with full recomputation instead of the cache: {recomputed:.1f} tokens/s (the cache's speed-up "
+          f"{figures['decode_fp32_tokens_per_s'] / recomputed:.2f}x)")
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=1))
 
 
 if __name__ == "__main__":

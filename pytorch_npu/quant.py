@@ -12,28 +12,36 @@ along K (the input dimension) only, for the same reason.
 
 Kernels, by device and chip (`int8_kernel`):
 
-| method         | 910b, a3                          | 310p                                | cpu, ≤ 16 rows          | otherwise |
-|----------------|-----------------------------------|-------------------------------------|-------------------------|-----------|
-| w8a16          | npu_weight_quant_batchmatmul      | same, fp16, per channel only        | _weight_int8pack_mm     | dequant   |
-| w8a16, groups  | same, antiquant_group_size        | refused (telechat_ascend.chips)     | 2 × int4 kernel (below) | dequant   |
-| w8a8           | npu_quant_matmul                  | same, weight cast to NZ, int32 bias | _weight_int8pack_mm     | dequant   |
-| w4a16 (GPTQ)   | same, int4 packed 8 per int32     | refused (no int4 matmul)            | _weight_int4pack_mm_for_cpu | dequant |
+| method         | 910b, a3                     | 310p                                | cpu, ≤ 16 rows              | cpu, more rows |
+|----------------|------------------------------|-------------------------------------|-----------------------------|----------------|
+| w8a16          | npu_weight_quant_batchmatmul | same, fp16, per channel only        | _weight_int8pack_mm         | dequant_bf16   |
+| w8a16, groups  | same, antiquant_group_size   | refused (telechat_ascend.chips)     | 2 × int4 kernel (below)     | dequant_bf16   |
+| w8a8           | npu_quant_matmul             | same, weight cast to NZ, int32 bias | _weight_int8pack_mm         | int_mm         |
+| w4a16 (GPTQ)   | same, int4 packed 8 per int32| refused (no int4 matmul)            | _weight_int4pack_mm_for_cpu | dequant_bf16   |
 
-The CPU int8 kernel needs K % 8 = 0; the int4 one groups of 32-256 and N % 16 = 0. torch's CPU int8-weight kernel
-takes one scale per row only, so grouped int8 (GPTQ 8-bit) runs as two grouped int4 matmuls over the high and low
-nibbles of each code (`_int4_halves`).
+Other devices, and CPU calls a kernel's rules exclude, take "dequant" (fp32). The CPU int8 kernel needs K % 8 = 0;
+the int4 one groups of 32-256 and N % 16 = 0. torch's CPU int8-weight kernel takes one scale per row only, so
+grouped int8 (GPTQ 8-bit) runs as two grouped int4 matmuls over the high and low nibbles of each code
+(`_int4_halves`).
 
-On CPU torch's int8-weight kernel (`_weight_int8pack_mm`) is vectorized for bf16 activations only (fp32 and fp16
-take a scalar loop several times slower than an fp32 matmul), so decode-sized inputs go through it in bf16 and come
-back in the caller's dtype. W8A8 feeds it the activations already rounded to the int8 grid (integers are exact in
-bf16) and applies the activation scale afterwards: the result is the int8 × int8 product. torch's CPU int8 × int8
-GEMM (`_int_mm`) measured 3-20× slower than fp32 on an AVX2 CPU, and oneDNN's u8s8 path saturates int16 without
-VNNI. For prefill-sized inputs the matmul is compute-bound and the int8 kernel is slower than a float GEMM, so
-"dequant" rebuilds this one layer's float weight for the call (never the whole model) and runs an fp32 matmul; for
-w8a8 it multiplies the integer-valued activations and weights exactly as the int8 GEMM would.
+Decode (a few rows) is bound by reading the weights: `_weight_int8pack_mm` reads int8 and is vectorized for bf16
+activations only (fp32 and fp16 take a scalar loop several times slower than an fp32 matmul), so these calls run in
+bf16 and come back in the caller's dtype. W8A8 feeds it the activations already rounded to the int8 grid (integers
+are exact in bf16) and applies the activation scale afterwards: the result is the int8 × int8 product.
+
+Prefill is bound by arithmetic, where that kernel is hopeless (one row at a time: 30x slower than fp32 at 100 rows,
+measured). W8A8 runs `torch._int_mm` (oneDNN's int8 GEMM, int32 accumulation: exact) where the CPU has int8 dot
+products (AVX-512 VNNI, AMX); without them oneDNN saturates int16 or loops (measured 3-20x slower than fp32 on an
+AVX2 CPU). Weight-only layers rebuild this one layer's weight for the call (never the whole model) in a per-thread
+workspace and run a float GEMM: bf16 ("dequant_bf16", like the decode kernel) where the CPU has bf16 dot products
+(AVX-512 BF16, AMX), else fp32 ("dequant", which for w8a8 multiplies the integer activations and weights exactly as
+the int8 GEMM would, up to fp32 accumulation). The workspace is reused because a fresh 100 MB tensor costs as much in
+first-touch page faults as filling it (measured: int8 -> bf16 into a new tensor 39 ms, into a reused one 8 ms).
 """
 
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 import torch
@@ -50,6 +58,9 @@ METHODS = ("w8a16", "w8a8", "w4a16")  # the in-memory formats; w4a16 comes from 
 LINEARS = ("query", "key_value", "dense", "gate_proj", "up_proj", "down_proj")  # embeddings, norms, lm_head stay float
 QMAX = 127  # symmetric int8: -128 is never used, so negation stays exact
 CPU_DECODE_ROWS = 16  # at most this many rows per call take the CPU int8 kernel; more are prefill (see above)
+# The CPU's dot-product instructions, which decide the prefill kernels (module docstring).
+CPU_INT8_DOT = torch.cpu._is_vnni_supported() or torch.cpu._is_amx_tile_supported()
+CPU_BF16_DOT = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 ACL_FORMAT_FRACTAL_NZ = 29
 KERNEL_ALIGNMENT = 64  # bytes: torch's CPU allocator gives this, and AVX-512 kernels load whole 64-byte lines
 
@@ -126,8 +137,12 @@ def int8_kernel(device_type: str, chip: str, method: str, rows: int, in_features
     if device_type == "npu":
         check_quantization_for_chip(chip, method, group_size)
         return "npu_quant_matmul" if method == "w8a8" else "npu_weight_quant_batchmatmul"
-    if device_type != "cpu" or rows > CPU_DECODE_ROWS:
+    if device_type != "cpu":
         return "dequant"
+    if rows > CPU_DECODE_ROWS:
+        if method == "w8a8":
+            return "int_mm" if CPU_INT8_DOT else "dequant"
+        return "dequant_bf16" if CPU_BF16_DOT else "dequant"
     if method == "w4a16" or group_size:  # the CPU int4 kernel's rules: whole groups of 32..256, N % 16 == 0
         fits = group_size in (32, 64, 128, 256) and in_features % group_size == 0 and out_features % 16 == 0
         return "int4pack_mm" if fits else "dequant"
@@ -213,8 +228,11 @@ class Int8Linear(nn.Module):
             y = self._npu_w8a8(x2, chip)
         elif kernel in ("int8pack_mm", "int4pack_mm"):
             y = self._cpu_kernel(x2)
+        elif kernel == "int_mm":
+            y = torch._int_mm(round_activation(x2, self.input_scale).to(torch.int8), self.weight.t())
+            y = y * self._row_scale() if self.bias is None else torch.addcmul(self.bias.float(), y, self._row_scale())
         else:
-            y = self._dequant(x2)
+            y = self._dequant(x2, torch.bfloat16 if kernel == "dequant_bf16" else torch.float32)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def _activation(self, x2: torch.Tensor) -> torch.Tensor:
@@ -236,15 +254,24 @@ class Int8Linear(nn.Module):
             y = torch._weight_int8pack_mm(a, weight, scale)
         return y if bias is None else y.float() + bias
 
-    def _dequant(self, x2):
-        # This layer's weight only, for this call. Per-channel scales go on the output (x·(q·s)ᵀ = (x·qᵀ)·s), so w8a8
-        # multiplies the integer activations and weights exactly in fp32, as the int8 GEMM would.
-        a = self._activation(x2).float()
-        if self.group_size:
-            y = F.linear(a, dequantize_weight(self.weight, self.weight_scale))
-        else:
-            y = F.linear(a, self.weight.float()) * self._row_scale()
+    def _dequant(self, x2, dtype):
+        # Per-channel scales go on the output (x·(q·s)ᵀ = (x·qᵀ)·s): the workspace holds the integer codes.
+        weight = self._weight_into(_workspace(self.out_features, self.in_features, dtype, x2.device))
+        y = F.linear(self._activation(x2).to(dtype), weight).float()
+        if not self.group_size:
+            y = y * self._row_scale()
         return y if self.bias is None else y + self.bias.float()
+
+    def _weight_into(self, workspace: torch.Tensor) -> torch.Tensor:
+        """The layer's weight in `workspace` ([N, K], float): codes, times the group scales if there are groups."""
+        workspace.copy_(self.weight)
+        return self._scale_groups(workspace)
+
+    def _scale_groups(self, workspace: torch.Tensor) -> torch.Tensor:
+        if self.group_size:
+            n, k = workspace.shape
+            workspace.view(n, -1, self.group_size).mul_(self.weight_scale.to(workspace.dtype)[..., None])
+        return workspace
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._kernel_operands = None  # derived from the state being replaced in place
@@ -325,8 +352,11 @@ class Int4Linear(Int8Linear):
     def codes(self) -> torch.Tensor:
         return unpack_int4(self.weight)
 
-    def _dequant(self, x2):
-        return F.linear(x2.float(), dequantize_weight(self.codes(), self.weight_scale), self._float_bias())
+    def _weight_into(self, workspace: torch.Tensor) -> torch.Tensor:
+        pairs = workspace.view(self.out_features, -1, 2)  # column 2j from the low nibble, 2j + 1 from the high one
+        pairs[..., 0].copy_(self.weight & 15)
+        pairs[..., 1].copy_(self.weight >> 4)
+        return self._scale_groups(workspace.sub_(8))
 
     def _float_bias(self):
         return None if self.bias is None else self.bias.float()
@@ -358,6 +388,18 @@ class Int4Linear(Int8Linear):
         # The packed weight is already the logical (K, N / 8): passed as is, not as a transposed view.
         args, kwargs = _npu_weight_quant_batchmatmul_args(x2.to(dtype), weight.t(), scale, bias, self.group_size)
         return load_torch_npu().npu_weight_quant_batchmatmul(*args, **kwargs)
+
+
+_WORKSPACES = threading.local()  # per thread: a model may run in several threads at once
+
+
+def _workspace(rows: int, columns: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A [rows, columns] scratch tensor of this thread, reused across calls and layers (grown when too small)."""
+    key = (dtype, device)
+    buffer = _WORKSPACES.__dict__.get(key)
+    if buffer is None or buffer.numel() < rows * columns:
+        buffer = _WORKSPACES.__dict__[key] = torch.empty(rows * columns, dtype=dtype, device=device)
+    return buffer[:rows * columns].view(rows, columns)
 
 
 def _int4_pack_operands(nibbles: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype):

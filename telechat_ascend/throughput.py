@@ -77,6 +77,16 @@ def flops_per_token(config: TeleChatConfig, seq_len: int) -> float:
     return 6.0 * config.num_parameters() + 12.0 * config.n_layer * config.hidden_size * seq_len
 
 
+def matmul_flops_per_token(config: TeleChatConfig, seq_len: int) -> float:
+    """The matmul FLOPs of forward + backward per token: 6 per weight of a linear layer (the head included, the input
+    embedding, a lookup, not) plus 12·L·H·S for the attention scores and their weighted sum (unmasked). What a
+    step would cost at the machine's GEMM rate; flops_per_token (the published 6·N formula, for MFU) also counts the
+    embedding table."""
+    h, f = config.hidden_size, config.ffn_hidden_size
+    linears = config.n_layer * (2 * h * h + 2 * config.kv_heads * config.head_dim * h + 3 * f * h)
+    return 6.0 * (linears + config.vocab_size * h) + 12.0 * config.n_layer * h * seq_len
+
+
 def report(run: RunThroughput, config: TeleChatConfig, peak_tflops: float | None, compare: str | None) -> str:
     lines = [f"run: {run.devices} device(s), seq {run.seq_len}, {run.steps} timed steps: "
              f"{run.samples_per_s:.3f} samples/s, {run.tokens_per_s_per_device:.1f} tokens/s per device"]

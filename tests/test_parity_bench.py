@@ -6,7 +6,7 @@ import pytest
 from telechat_ascend import TeleChatError
 from telechat_ascend.cli import main
 from telechat_ascend.parity import compare_losses, read_losses
-from telechat_ascend.throughput import flops_per_token
+from telechat_ascend.throughput import flops_per_token, matmul_flops_per_token
 from telechat_ascend.config import TeleChatConfig
 
 
@@ -93,6 +93,16 @@ def test_bench_scales_the_published_figures_and_computes_mfu(tmp_path, capsys):
     assert main(["bench", "--log", str(log), "--model", "7B", "--devices", "4", "--seq-len", "1024",
                  "--compare", "7B"]) == 0
     assert "8.860" in capsys.readouterr().out
+
+
+def test_matmul_flops_count_the_published_parameters_in_linear_layers():
+    """From the published parameter counts (telechat/README): all but the norms, the biases and, untied, the input
+    embedding (a lookup) are matmul weights; a tied 7B head is the embedding, multiplied once."""
+    seven, twelve = TeleChatConfig.preset("7B"), TeleChatConfig.preset("12B")
+    seven_matmul = 7_200_018_432 - (2 * 30 + 1) * 4096 - 2 * 30 * 4096
+    assert matmul_flops_per_token(seven, 2048) == 6 * seven_matmul + 12 * 30 * 4096 * 2048
+    twelve_matmul = 12_386_432_000 - 120000 * 5120 - (2 * 38 + 1) * 5120 - 2 * 38 * 5120
+    assert matmul_flops_per_token(twelve, 1024) == 6 * twelve_matmul + 12 * 38 * 5120 * 1024
 
 
 def test_bench_needs_device_count_and_sequence_length(tmp_path, capsys):

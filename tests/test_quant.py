@@ -6,6 +6,7 @@ their documented semantics (through a schema-enforcing fake torch_npu)."""
 import copy
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -133,9 +134,23 @@ def reference(x, module):
     return y if module.bias is None else y + module.bias.double()
 
 
+@pytest.fixture(params=["dot products", "none"])
+def cpu_dot_products(request, monkeypatch):
+    """Both CPU prefill policies: int8 and bf16 dot products (int_mm, dequant_bf16) and neither (fp32 dequant). Every
+    path runs on any x86 CPU, only its speed differs."""
+    present = request.param == "dot products"
+    monkeypatch.setattr(quant, "CPU_INT8_DOT", present)
+    monkeypatch.setattr(quant, "CPU_BF16_DOT", present)
+    return present
+
+
+# The CPU kernels with bf16 activations and outputs (2^-8 relative); int_mm is exact, fp32 dequant nearly.
+TOLERANCE = {"int8pack_mm": 1e-2, "int4pack_mm": 1e-2, "dequant_bf16": 1e-2, "int_mm": 1e-6, "dequant": 1e-5}
+
+
 @pytest.mark.parametrize("method, group_size", [("w8a16", 0), ("w8a16", 32), ("w8a8", 0)])
-@pytest.mark.parametrize("rows", [1, 40])  # decode (the int8 kernel) and prefill (per-layer dequant)
-def test_int8_linear_matches_its_formula_and_the_float_layer(method, group_size, rows):
+@pytest.mark.parametrize("rows", [1, 40])  # decode (the int8 kernel) and prefill
+def test_int8_linear_matches_its_formula_and_the_float_layer(method, group_size, rows, cpu_dot_products):
     torch.manual_seed(0)
     linear = nn.Linear(64, 48)
     x = torch.randn(2, rows, 64)
@@ -145,15 +160,14 @@ def test_int8_linear_matches_its_formula_and_the_float_layer(method, group_size,
         y, y_float = module(x), linear(x)
     assert y.dtype == torch.float32 and y.shape == y_float.shape
     exact = reference(x, module)
-    # The int8 kernel runs with bf16 activations and outputs (2^-8 relative); the dequant path is fp32.
-    tolerance = 1e-2 if quant.int8_kernel("cpu", "cpu", method, rows * 2, 64, group_size, 48) != "dequant" else 1e-5
-    assert (y.double() - exact).norm() / exact.norm() < tolerance
+    kernel = quant.int8_kernel("cpu", "cpu", method, rows * 2, 64, group_size, 48)
+    assert (y.double() - exact).norm() / exact.norm() < TOLERANCE[kernel]
     bound = 0.01 if method == "w8a16" else 0.03
     assert (y - y_float).norm() / y_float.norm() < bound
 
 
-def test_w8a8_on_cpu_is_the_int8_gemm():
-    """Both CPU paths give the int8 × int8 → int32 product (torch._int_mm) times the two scales."""
+def test_w8a8_on_cpu_is_the_int8_gemm(cpu_dot_products):
+    """Every CPU path gives the int8 × int8 → int32 product (torch._int_mm) times the two scales."""
     torch.manual_seed(0)
     linear = nn.Linear(64, 48, bias=False)
     x = torch.randn(40, 64)
@@ -161,10 +175,37 @@ def test_w8a8_on_cpu_is_the_int8_gemm():
     x_int8 = quant.round_activation(x, module.input_scale).to(torch.int8)
     gemm = torch._int_mm(x_int8, module.weight.T.contiguous()).double()
     expected = gemm * module.weight_scale.double() * module.input_scale.double()
+    assert quant.int8_kernel("cpu", "cpu", "w8a8", 40, 64, 0) == ("int_mm" if cpu_dot_products else "dequant")
     with torch.no_grad():
-        torch.testing.assert_close(module(x).double(), expected, rtol=1e-6, atol=1e-6)  # dequant path: exact
+        torch.testing.assert_close(module(x).double(), expected, rtol=1e-6, atol=1e-6)  # int_mm or fp32: exact
         decode = module(x[:1]).double()
     assert (decode - expected[:1]).norm() / expected[:1].norm() < 1e-2  # int8 kernel: bf16 output rounding
+
+
+@pytest.mark.parametrize("method, group_size", [("w8a16", 0), ("w8a16", 32), ("w8a8", 0), ("w4a16", 32)])
+@pytest.mark.parametrize("dot_products, kernel", [(True, {"w8a8": "int_mm"}), (False, {})])
+def test_cpu_prefill_kernel_follows_the_dot_products(monkeypatch, method, group_size, dot_products, kernel):
+    monkeypatch.setattr(quant, "CPU_INT8_DOT", dot_products)
+    monkeypatch.setattr(quant, "CPU_BF16_DOT", dot_products)
+    expected = kernel.get(method, "dequant_bf16" if dot_products and method != "w8a8" else "dequant")
+    assert quant.int8_kernel("cpu", "cpu", method, 17, 256, group_size, 64) == expected
+
+
+def test_prefill_kernels_reuse_one_workspace_per_thread():
+    """Layers rebuild their weight in one scratch tensor of the thread; another thread gets its own."""
+    torch.manual_seed(0)
+    layers = [quant.Int8Linear.from_float(nn.Linear(64, n), "w8a16", 32) for n in (48, 32)]
+    x = torch.randn(20, 64)
+    with torch.no_grad():
+        first = [layer(x) for layer in layers]
+        workspace = quant._workspace(1, 1, torch.bfloat16, x.device).data_ptr()
+        again = [layer(x) for layer in layers]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(quant._workspace(1, 1, torch.bfloat16, x.device).data_ptr()))
+    thread.start()
+    thread.join()
+    assert seen and seen[0] != workspace
 
 
 @pytest.mark.parametrize(
@@ -172,12 +213,10 @@ def test_w8a8_on_cpu_is_the_int8_gemm():
     [
         ("cpu", "cpu", "w8a16", 1, 64, 0, "int8pack_mm"),
         ("cpu", "cpu", "w8a8", 16, 64, 0, "int8pack_mm"),
-        ("cpu", "cpu", "w8a16", 17, 64, 0, "dequant"),
         ("cpu", "cpu", "w8a16", 1, 60, 0, "dequant"),  # the kernel's aligned loads need K % 8 == 0
         ("cpu", "cpu", "w8a16", 1, 64, 32, "int4pack_mm"),  # two int4 halves per code
         ("cpu", "cpu", "w8a16", 1, 64, 36, "dequant"),  # a group of 36 inputs breaks the 8-aligned loads
         ("cpu", "cpu", "w4a16", 1, 256, 128, "int4pack_mm"),
-        ("cpu", "cpu", "w4a16", 17, 256, 128, "dequant"),
         ("cpu", "cpu", "w4a16", 1, 256, 512, "dequant"),  # the int4 kernel takes groups of 32..256
         ("npu", "910b", "w4a16", 1, 256, 128, "npu_weight_quant_batchmatmul"),
         ("cuda", "cuda", "w8a16", 1, 64, 0, "dequant"),
