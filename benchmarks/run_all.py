@@ -32,8 +32,7 @@ def benchmarks(workdir: Path, published: str | None) -> dict[str, list[str]]:
         "torch_cpu": ["torch_cpu.py", "--steps", "2", "--new-tokens", "48"],
         "int8_cpu": ["int8_cpu.py", "--workdir", str(workdir / "int8"), "--models", "fp32,w8a16,w8a8"],
         "mindspore_cpu": ["mindspore_cpu.py", "--skip-pynative", "--size", "40m", "--seq-len", "512"],
-        "serve_load": ["serve_load.py", "--workdir", str(workdir / "serve"), "--streams", "1,8",
-                       "--requests-per-stream", "1", "--max-tokens", "32"],
+        "serve_load": ["serve_load.py", "--workdir", str(workdir / "serve"), "--streams", "1,8"],
     }
 
 
@@ -52,6 +51,7 @@ ROWS = [
     *[(f"{m} decode after {n} tokens: / fp32", "int8_cpu", (f"{m}_{n}", "decode_vs_fp32"), 1.0, "{:.2f}x")
       for m in ("w8a8", "w8a16") for n in (100, 2000)],
     ("MindSpore GRAPH step / PyTorch", "mindspore_cpu", ("graph_vs_torch",), 0.9, "{:.2f}x"),
+    ("MindSpore matmul fwd+bwd / PyTorch's (why)", "mindspore_cpu", ("gemm_ratio",), None, "{:.2f}x"),
     ("serve fp32: tokens/s per stream at 8 streams", "serve_load", ("fp32", "tokens_per_s_per_stream_at_8"), None,
      "{:.1f}"),
     ("serve fp32: 8 streams / 1 stream tokens/s", "serve_load", ("fp32", "speedup_8_vs_1"), 4.0, "{:.2f}x"),

@@ -76,7 +76,6 @@ def main() -> None:
     step_seconds = min(timed(device, train_step) for _ in range(args.steps))
     figures["train_tokens_per_s"] = args.seq_len / step_seconds
     print(f"(a) train step, fp32, seq {args.seq_len}: {step_seconds:.2f} s = {args.seq_len / step_seconds:.0f} tokens/s")
-    del optimizer
 
     # (b) decoding
     model.eval()

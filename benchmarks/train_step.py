@@ -64,9 +64,10 @@ def step_of(model, ids):
     def step():
         loss = model(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
+        loss = loss.detach()
         for parameter in model.parameters():
             parameter.grad = None
-        return float(loss)
+        return loss.item()
     return step
 
 
@@ -86,7 +87,7 @@ def main() -> None:
     losses = {"ours": steps["ours"]()}
     if args.published:
         modeling = load_published_code(Path(args.published))
-        published_config = modeling.TelechatConfig(**config.to_dict(), flash_attn=False)
+        published_config = modeling.TelechatConfig(**{**config.to_dict(), "flash_attn": False})
         published = modeling.TelechatForCausalLM(published_config).train()
         published.load_state_dict(ours.state_dict())
         steps["published"] = step_of(published, ids)
