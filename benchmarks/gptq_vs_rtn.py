@@ -1,10 +1,10 @@
 """GPTQ against round-to-nearest (RTN) on a trained model: perplexity at 4 and 8 bits, group 128,
 both written in the published GPTQ layout and loaded through AutoModelForCausalLM.
 
-    python benchmarks/gptq_vs_rtn.py [--model FLOAT_DIR] [--workdir runs/gptq_bench] [--steps 300]
+    python benchmarks/gptq_vs_rtn.py [--model FLOAT_DIR] [--workdir runs/gptq_bench] [--steps 300] [--size 17m|105m]
 
-Without --model it first trains a small TeleChat (hidden 512, 4 layers, ffn 1536: every input size a multiple of
-128) on the bundled corpus. A model this small and this briefly trained memorizes its text rather than generalizing
+Without --model it first trains a TeleChat on the bundled corpus: 17M (hidden 512, 4 layers, ffn 1536) or 105M
+(hidden 768, 14 layers, ffn 2048); every input size a multiple of 128. A model this small and this briefly trained memorizes its text rather than generalizing
 (held-out perplexity is above the vocabulary size), so the evaluation text is text it models: corpus lines after
 the first 128, which are the calibration prompts (no line is both). RTN is GPTQ with an identity Hessian (no error
 compensation: each weight rounds to its nearest grid point under the same symmetric per-group scales).
@@ -27,8 +27,12 @@ from pytorch_npu.quantize import calibration_ids, compare, load_float_model, rea
 from telechat_ascend.gptq_format import GPTQConfig
 from telechat_ascend.tokenizer import TINY_CORPUS, TeleChatTokenizer, build_tiny_tokenizer
 
-SHAPE = dict(vocab_size=4096, hidden_size=512, n_layer=4, n_head=8, ffn_hidden_size=1536, tie_word_embeddings=False,
-             seq_length=1024)
+SIZES = {
+    "17m": dict(vocab_size=4096, hidden_size=512, n_layer=4, n_head=8, ffn_hidden_size=1536, tie_word_embeddings=False,
+                seq_length=1024),
+    "105m": dict(vocab_size=4096, hidden_size=768, n_layer=14, n_head=12, ffn_hidden_size=2048,
+                 tie_word_embeddings=False, seq_length=1024),
+}
 
 
 CALIBRATION_LINES = 128
@@ -38,11 +42,11 @@ def corpus_lines() -> list[str]:
     return [line for line in TINY_CORPUS.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def train(folder: Path, steps: int) -> None:
+def train(folder: Path, steps: int, shape: dict) -> None:
     build_tiny_tokenizer(folder)
     ids = torch.tensor(TeleChatTokenizer.from_pretrained(folder).encode("\n".join(corpus_lines())))
     torch.manual_seed(0)
-    model = TelechatForCausalLM(TelechatConfig(**SHAPE))
+    model = TelechatForCausalLM(TelechatConfig(**shape))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
     for step in range(steps):
         starts = torch.randint(0, len(ids) - 257, (8,)).tolist()
@@ -82,12 +86,13 @@ def main() -> None:
     parser.add_argument("--model", type=Path, help="a trained float TeleChat folder (default: train one)")
     parser.add_argument("--workdir", type=Path, default=Path("runs/gptq_bench"))
     parser.add_argument("--steps", type=int, default=300, help="training steps when no --model is given")
+    parser.add_argument("--size", choices=SIZES, default="17m", help="the model trained when no --model is given")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     src = args.model or args.workdir / "float"
     if args.model is None and not (src / "config.json").is_file():
         start = time.perf_counter()
-        train(src, args.steps)
+        train(src, args.steps, SIZES[args.size])
         print(f"trained in {time.perf_counter() - start:.0f} s")
     lines = corpus_lines()
     calib = args.workdir / "calib.jsonl"
