@@ -2,6 +2,7 @@
 both written in the published GPTQ layout and loaded through AutoModelForCausalLM.
 
     python benchmarks/gptq_vs_rtn.py [--model FLOAT_DIR] [--workdir runs/gptq_bench] [--steps 300] [--size 17m|105m]
+                                     [--calibration-lines 128]
 
 Without --model it first trains a TeleChat on the bundled corpus: 17M (hidden 512, 4 layers, ffn 1536) or 105M
 (hidden 768, 14 layers, ffn 2048); every input size a multiple of 128. A model this small and this briefly trained memorizes its text rather than generalizing
@@ -75,7 +76,7 @@ def rtn_folder(src: Path, out: Path, config: GPTQConfig) -> None:
 
 def gptq_folder(src: Path, out: Path, config: GPTQConfig, calib: Path) -> None:
     model, _ = load_float_model(src)
-    batches = calibration_ids(TeleChatTokenizer.from_pretrained(src), read_prompts(calib))
+    batches = calibration_ids(TeleChatTokenizer.from_pretrained(src), read_prompts(calib, limit=None))
     with torch.no_grad():
         quantized = quantize_model(model, batches, config)
     write_folder(model, quantized, config, src, out, force=True)
@@ -87,6 +88,8 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("runs/gptq_bench"))
     parser.add_argument("--steps", type=int, default=300, help="training steps when no --model is given")
     parser.add_argument("--size", choices=SIZES, default="17m", help="the model trained when no --model is given")
+    parser.add_argument("--calibration-lines", type=int, default=CALIBRATION_LINES,
+                        help="corpus lines for calibration; evaluation takes the lines after them")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     src = args.model or args.workdir / "float"
@@ -97,8 +100,8 @@ def main() -> None:
     lines = corpus_lines()
     calib = args.workdir / "calib.jsonl"
     calib.write_text("".join(json.dumps({"text": line}, ensure_ascii=False) + "\n"
-                             for line in lines[:CALIBRATION_LINES]), encoding="utf-8")
-    ids = TeleChatTokenizer.from_pretrained(src).encode("\n".join(lines[CALIBRATION_LINES:]))[:8192]
+                             for line in lines[:args.calibration_lines]), encoding="utf-8")
+    ids = TeleChatTokenizer.from_pretrained(src).encode("\n".join(lines[args.calibration_lines:]))[:8192]
     float_model, _ = load_float_model(src)
     rows = []
     for bits in (8, 4):

@@ -11,6 +11,8 @@ QUANT_METHODS = ("w8a16", "w8a8", "gptq")
 FORMATS = ("ours", "msmodelslim")  # msmodelslim: what MindIE and vllm-ascend load
 CALIB_SAMPLES = 32  # prompts read from --calib
 CALIB_TOKENS = 256  # each truncated to this many tokens
+# GPTQ estimates a K x K Hessian per linear (K up to 12288): the paper's calibration, 128 segments of 2048 tokens.
+GPTQ_CALIB_SAMPLES, GPTQ_CALIB_TOKENS = 128, 2048
 
 
 def _run(function_name: str):
@@ -26,7 +28,8 @@ def add_quantize(subparsers, help: str) -> None:
     quantize.add_argument("--model", required=True, type=Path, help="the float TeleChat folder")
     quantize.add_argument("--out", required=True, type=Path)
     quantize.add_argument("--calib", type=Path, help=f"jsonl of calibration prompts (first {CALIB_SAMPLES} used, "
-                          f"{CALIB_TOKENS} tokens each); required for w8a8, gptq and --keep-float")
+                          f"{CALIB_TOKENS} tokens each; gptq: {GPTQ_CALIB_SAMPLES}, {GPTQ_CALIB_TOKENS} tokens each); "
+                          f"required for w8a8, gptq and --keep-float")
     quantize.add_argument("--group-size", type=int, default=None,
                           help="one scale per this many inputs (a multiple of 32); w8a16 default 0 = per output "
                                "channel, gptq default 128")

@@ -200,19 +200,20 @@ def quantize_folder(src: str | Path, out: str | Path, bits: int, calib: str | Pa
                     damp_percent: float = 0.01, force: bool = False, progress: bool = False) -> dict:
     """`telechat-ascend quantize --method gptq`: the float folder `src` as a GPTQ folder `out`; returns a record
     of what was done for the command to print."""
+    from .backend import GPTQ_CALIB_SAMPLES, GPTQ_CALIB_TOKENS
     from .quantize import calibration_ids, load_float_model, read_prompts
     config = GPTQConfig(bits, group_size, damp_percent)
     check_gptq_options(config)
     if calib is None:
         raise TeleChatError("gptq needs calibration prompts (--calib FILE.jsonl): its Hessians come from them")
-    texts = read_prompts(calib)
+    texts = read_prompts(calib, GPTQ_CALIB_SAMPLES)
     src = Path(src)
     model, _ = load_float_model(src)
     for name in quantizable_linears(model):
         if model.get_submodule(name).in_features % group_size:
             raise TeleChatError(f"--group-size {group_size} does not divide the input size of {name} "
                                 f"({model.get_submodule(name).in_features})")
-    calibration = calibration_ids(TeleChatTokenizer.from_pretrained(src), texts)
+    calibration = calibration_ids(TeleChatTokenizer.from_pretrained(src), texts, GPTQ_CALIB_TOKENS)
     with tqdm(total=len(quantizable_linears(model)), unit="linear", desc="gptq", disable=not progress) as bar:
         quantized = quantize_model(model, calibration, config, bar)
     write_folder(model, quantized, config, src, Path(out), force)

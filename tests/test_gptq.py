@@ -373,6 +373,22 @@ def test_quantize_gptq_writes_the_published_layout_and_beats_round_to_nearest(tr
     assert ppl["float"] < ppl["gptq"] < ppl["rtn"], ppl
 
 
+def test_quantize_gptq_calibrates_on_gptq_sized_samples(trained, tmp_path):
+    """GPTQ reads up to 128 prompts of up to 2048 tokens (the paper's calibration), not w8a8's 32 of 256."""
+    folder, _ = trained
+    tokenizer = TeleChatTokenizer.from_pretrained(folder)
+    lines = [line for line in TINY_CORPUS.read_text(encoding="utf-8").splitlines() if line.strip()]
+    long_text = "\n".join(lines[:60])
+    prompts = [long_text] + lines[100:139] + lines[200:300]  # 140 prompts, the first longer than 256 tokens
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in prompts), encoding="utf-8")
+    record = quantize_folder(folder, tmp_path / "out", "gptq", calib, bits=8)
+    kept = prompts[:128]
+    expected = sum(min(len(tokenizer.encode(t)), 2048) for t in kept)
+    assert len(tokenizer.encode(long_text)) > 256
+    assert record["calibration"] == {"prompts": 128, "tokens": expected}
+
+
 def test_quantize_gptq_rejects_bad_options(trained, tmp_path):
     folder, _ = trained
     calib = folder / "calib.jsonl"
