@@ -152,8 +152,7 @@ def main() -> None:
           f"{'ttft p99':>9} {'itl p50':>8} {'itl p99':>8}")
     summary, figures = {}, {}
     concurrency = [int(n) for n in args.streams.split(",")]
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from machine import copy_bandwidth
+    from machine import copy_bandwidth  # torch, imported only once the servers' folders exist
     bandwidth = copy_bandwidth()
     for name, folder in models.items():
         process, url = serve(folder, max(concurrency))

@@ -19,6 +19,7 @@ import torch
 from machine import copy_bandwidth, timed
 from pytorch_npu import TelechatConfig, TelechatForCausalLM
 from pytorch_npu.device import resolve_device
+from pytorch_npu.quant import weight_bytes
 from pytorch_npu.quantize import quantize_model
 
 CONFIG = dict(vocab_size=16000, hidden_size=768, n_layer=12, n_head=12, ffn_hidden_size=2048,
@@ -26,15 +27,11 @@ CONFIG = dict(vocab_size=16000, hidden_size=768, n_layer=12, n_head=12, ffn_hidd
 
 
 def bytes_read_per_token(model) -> int:
-    """Every tensor of the state once (a tied head is the embedding), less the embedding table's rows."""
-    seen, total = set(), 0
-    for name, tensor in model.state_dict().items():
-        if tensor.data_ptr() not in seen and not name.endswith("word_embeddings.weight"):
-            seen.add(tensor.data_ptr())
-            total += tensor.numel() * tensor.element_size()
+    """The whole state (weight_bytes counts a tied head once) but the rows of an untied embedding table: one is read."""
     embedding = model.get_input_embeddings().weight
     tied = model.get_output_embeddings().weight.data_ptr() == embedding.data_ptr()
-    return total + (embedding.numel() * embedding.element_size() if tied else embedding[0].nbytes)
+    unread = 0 if tied else embedding.nbytes - embedding[0].nbytes
+    return sum(weight_bytes(model).values()) - unread
 
 
 def decode_rate(device, model, prompt, new_tokens: int, use_cache: bool = True) -> float:

@@ -24,6 +24,7 @@ from telechat_ascend.config import HF_KEY_PREFIX
 from telechat_ascend.weights import LM_HEAD, canonical_hf_name, detect_hf_prefix, hf_name
 
 from . import quant
+from .backend import GPTQ_CALIB_SAMPLES, GPTQ_CALIB_TOKENS
 from .configuration_telechat import TelechatConfig
 from .quant import LINEARS, load_converted, numpy_to_torch, pack_int4, quantizable_linears
 
@@ -200,7 +201,6 @@ def quantize_folder(src: str | Path, out: str | Path, bits: int, calib: str | Pa
                     damp_percent: float = 0.01, force: bool = False, progress: bool = False) -> dict:
     """`telechat-ascend quantize --method gptq`: the float folder `src` as a GPTQ folder `out`; returns a record
     of what was done for the command to print."""
-    from .backend import GPTQ_CALIB_SAMPLES, GPTQ_CALIB_TOKENS
     from .quantize import calibration_ids, load_float_model, read_prompts
     config = GPTQConfig(bits, group_size, damp_percent)
     check_gptq_options(config)

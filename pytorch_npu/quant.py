@@ -229,8 +229,7 @@ class Int8Linear(nn.Module):
         elif kernel in ("int8pack_mm", "int4pack_mm"):
             y = self._cpu_kernel(x2)
         elif kernel == "int_mm":
-            y = torch._int_mm(round_activation(x2, self.input_scale).to(torch.int8), self.weight.t())
-            y = y * self._row_scale() if self.bias is None else torch.addcmul(self.bias.float(), y, self._row_scale())
+            y = self._int_mm(x2)
         else:
             y = self._dequant(x2, torch.bfloat16 if kernel == "dequant_bf16" else torch.float32)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
@@ -253,6 +252,11 @@ class Int8Linear(nn.Module):
         else:
             y = torch._weight_int8pack_mm(a, weight, scale)
         return y if bias is None else y.float() + bias
+
+    def _int_mm(self, x2):
+        # int8 x int8 -> int32 (exact), then both scales; the weight's transposed view is the (K, N) operand.
+        y = torch._int_mm(self._activation(x2).to(torch.int8), self.weight.t()) * self._row_scale()
+        return y if self.bias is None else y + self.bias.float()
 
     def _dequant(self, x2, dtype):
         # Per-channel scales go on the output (x·(q·s)ᵀ = (x·qᵀ)·s): the workspace holds the integer codes.

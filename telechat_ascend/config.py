@@ -133,15 +133,17 @@ class TeleChatConfig:
         mscale = 1.0 if ratio <= 1 else 0.1 * math.log(ratio) + 1.0
         return base, mscale
 
-    def num_parameters(self) -> int:
-        h, f, v = self.hidden_size, self.ffn_hidden_size, self.vocab_size
+    def block_linear_weights(self) -> int:
+        """Weights of one block's linear layers (query, key_value, dense, gate, up, down), biases not included."""
+        h, f = self.hidden_size, self.ffn_hidden_size
         kv_rows = 2 * self.kv_heads * self.head_dim
-        block = (2 * h            # input and post-attention norms
-                 + h * h          # query
-                 + kv_rows * h    # key_value
-                 + h * h + h      # dense and its bias
-                 + 3 * f * h      # gate, up, down
-                 + h)             # down bias
+        return h * h + kv_rows * h + h * h + 3 * f * h
+
+    def num_parameters(self) -> int:
+        h, v = self.hidden_size, self.vocab_size
+        block = (self.block_linear_weights()
+                 + 2 * h          # input and post-attention norms
+                 + 2 * h)         # dense and down_proj biases
         return v * h * (1 if self.tied else 2) + self.n_layer * block + h
 
     # ---- HF config.json -------------------------------------------------------------------------------------------

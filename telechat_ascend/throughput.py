@@ -82,9 +82,9 @@ def matmul_flops_per_token(config: TeleChatConfig, seq_len: int) -> float:
     embedding, a lookup, not) plus 12·L·H·S for the attention scores and their weighted sum (unmasked). What a
     step would cost at the machine's GEMM rate; flops_per_token (the published 6·N formula, for MFU) also counts the
     embedding table."""
-    h, f = config.hidden_size, config.ffn_hidden_size
-    linears = config.n_layer * (2 * h * h + 2 * config.kv_heads * config.head_dim * h + 3 * f * h)
-    return 6.0 * (linears + config.vocab_size * h) + 12.0 * config.n_layer * h * seq_len
+    h = config.hidden_size
+    linears = config.n_layer * config.block_linear_weights() + config.vocab_size * h
+    return 6.0 * linears + 12.0 * config.n_layer * h * seq_len
 
 
 def report(run: RunThroughput, config: TeleChatConfig, peak_tflops: float | None, compare: str | None) -> str:
