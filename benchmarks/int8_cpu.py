@@ -1,6 +1,7 @@
 """Int8 against float TeleChat on CPU, over the published Atlas 300I Pro case list: batch 1, input 100, 1000 and
 2000 tokens, output 100 (telechat-format.md §16.2), with random weights saved in fp16 (as published checkpoints are),
-run in fp32, W8A16, W8A8 and GPTQ int8 / int4 (group 128, the published folders' settings). Two shapes (--shape):
+run in fp32, W8A16, W8A8 and GPTQ int8 / int4 (group 128, the published folders' settings; gptq4-head also has
+its output head in int4). Two shapes (--shape):
   7b-layers  the TeleChat 7B layer (hidden 4096, 32 heads of 128, ffn 12288), 2 of its 30 layers, vocab 4096: 470M
              parameters. Per layer, weights and KV cache stand in the 7B's proportion (fp32 weights 13x the 2000-token
              KV cache; 12B: 14x), which decides how much of a decode step int8 weights can speed up.
@@ -10,9 +11,9 @@ run in fp32, W8A16, W8A8 and GPTQ int8 / int4 (group 128, the published folders'
 
 Models are loaded with AutoModelForCausalLM.from_pretrained from the folders `quantize` wrote. Speed is measured with
 all models in one process, interleaved: per case each prefills in turn, then decode steps go round-robin
-(fp32, w8a16, w8a8, gptq8, gptq4, fp32, ...), so load on this shared machine falls on all alike. Per model and case: the
-prefill time, the decode rate over tokens 2-100 (KV cache, greedy), its median step, and the end-to-end rate
-(100 tokens / (prefill + decode)). Peak RSS comes from a separate process per model (load, prefill the longest case,
+(fp32, w8a16, w8a8, gptq8, gptq4, gptq4-head, fp32, ...), so load on this shared machine falls on all alike. Per model
+and case: the prefill time, the decode rate over tokens 2-100 (KV cache, greedy), its median step, and the end-to-end
+rate (100 tokens / (prefill + decode)). Peak RSS comes from a separate process per model (load, prefill the longest case,
 a few decode steps). Then folder bytes (against the fp16 folder), in-memory state bytes, and accuracy against fp32 on
 the bundled corpus: random weights make perplexity meaningless, so the comparison that counts is the relative error
 of the logits and the share of positions whose argmax agrees.
@@ -45,8 +46,10 @@ SHAPES = {
     "narrow": dict(vocab_size=4096, hidden_size=1536, n_layer=12, n_head=12, ffn_hidden_size=4096,
                    tie_word_embeddings=False, seq_length=4096),
 }
-MODELS = ("fp32", "w8a16", "w8a8", "gptq8", "gptq4")
-GPTQ_BITS = {"gptq8": 8, "gptq4": 4}  # GPTQ folders in the published layout (group 128), made by quantize --method gptq
+MODELS = ("fp32", "w8a16", "w8a8", "gptq8", "gptq4", "gptq4-head")
+# GPTQ folders made by quantize --method gptq, group 128: (bits, --lm-head). The published layout keeps the head fp16;
+# gptq4-head quantizes it too (GPTQModel's lm_head: true).
+GPTQ = {"gptq8": (8, False), "gptq4": (4, False), "gptq4-head": (4, True)}
 RSS_DECODE_STEPS = 5
 
 
@@ -64,8 +67,9 @@ def build_folders(workdir: Path, config: dict, models) -> None:
     for method in models[1:]:
         if not (workdir / method).is_dir():
             start = time.perf_counter()
-            if method in GPTQ_BITS:
-                quantize_folder(float_dir, workdir / method, "gptq", calib, bits=GPTQ_BITS[method])
+            if method in GPTQ:
+                bits, lm_head = GPTQ[method]
+                quantize_folder(float_dir, workdir / method, "gptq", calib, bits=bits, lm_head=lm_head)
             else:
                 quantize_folder(float_dir, workdir / method, method, calib if method == "w8a8" else None)
             print(f"quantized {method} in {time.perf_counter() - start:.0f} s", flush=True)

@@ -38,6 +38,9 @@ def add_quantize(subparsers, help: str) -> None:
     quantize.add_argument("--bits", type=int, choices=[4, 8], default=8, help="gptq: 8 or 4-bit codes")
     quantize.add_argument("--damp-percent", type=float, default=0.01,
                           help="gptq: dampening added to the Hessian's diagonal, as a share of its mean")
+    quantize.add_argument("--lm-head", action="store_true",
+                          help="gptq: quantize the output head too (GPTQModel's lm_head: true; models with a head of "
+                               "their own only, e.g. 12B); the published folders keep it fp16")
     quantize.add_argument("--keep-float", type=int, default=0,
                           help="keep the N linears with the largest calibration error in float (one forward pass "
                                "per linear)")

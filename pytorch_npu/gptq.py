@@ -21,12 +21,12 @@ from telechat_ascend.errors import TeleChatError
 from telechat_ascend.gptq_format import BITS, QUANTIZE_CONFIG, GPTQConfig, group_packed, pack_linear
 from telechat_ascend.tokenizer import TeleChatTokenizer
 from telechat_ascend.config import HF_KEY_PREFIX
-from telechat_ascend.weights import LM_HEAD, canonical_hf_name, detect_hf_prefix, hf_name
+from telechat_ascend.weights import LM_HEAD, LM_HEAD_MODULE, canonical_hf_name, detect_hf_prefix, hf_name
 
 from . import quant
 from .backend import GPTQ_CALIB_SAMPLES, GPTQ_CALIB_TOKENS
 from .configuration_telechat import TelechatConfig
-from .quant import LINEARS, load_converted, numpy_to_torch, pack_int4, quantizable_linears
+from .quant import load_converted, numpy_to_torch, pack_int4, quantizable_linears
 
 
 def _model_name(name: str) -> str:
@@ -47,14 +47,17 @@ def load_gptq(model_class, folder: str | Path, dtype: torch.dtype | str = torch.
     with torch.device("meta"):
         linears = quantizable_linears(model_class(config))
     config.quantization = {"method": "w8a16" if gptq.bits == 8 else "w4a16", "group_size": gptq.group_size,
-                           "float_modules": [m for m in linears if m not in packed_modules]}
+                           "float_modules": [m for m in linears if m not in packed_modules], "lm_head": gptq.lm_head}
+    if gptq.lm_head != (LM_HEAD_MODULE in packed_modules):
+        raise TeleChatError(f"{folder / QUANTIZE_CONFIG}: lm_head {str(gptq.lm_head).lower()}, but the weights hold "
+                            f"{'a packed' if not gptq.lm_head else 'a float'} lm_head: the two disagree")
     state = {}
     for path, item, *array in group_packed(weights.tensors(), str(folder)):
         if array:
             state[_model_name(item)] = numpy_to_torch(array[0])
             continue
         name = _model_name(item.name)
-        if name.rsplit(".", 1)[-1] not in LINEARS or name not in linears:
+        if name not in linears and name != LM_HEAD_MODULE:
             raise TeleChatError(f"{path}: unexpected quantized tensors {item.name}.qweight (not a linear TeleChat "
                                 f"quantizes)")
         codes, scales = item.codes(gptq, str(path))
@@ -122,49 +125,58 @@ class _BlockDone(Exception):
     """Raised after the block being quantized ran: the layers above it are not needed for its Hessians."""
 
 
+def _hessians(model, linears: dict, last, calibration: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """{name: Σ xᵀx} of each linear's inputs over the calibration prompts, running the model only up to the module
+    `last` (the block being quantized, or the head)."""
+    hessians = {name: torch.zeros(m.in_features, m.in_features) for name, m in linears.items()}
+
+    def accumulate(name):
+        def hook(module, args):
+            x = args[0].reshape(-1, module.in_features).float()
+            hessians[name] += x.T @ x
+        return hook
+
+    def stop(module, args, output):
+        raise _BlockDone
+
+    handles = [m.register_forward_pre_hook(accumulate(name)) for name, m in linears.items()]
+    handles.append(last.register_forward_hook(stop))
+    try:
+        for ids in calibration:
+            try:
+                model(ids[None].to(model.device), use_cache=False)
+            except _BlockDone:
+                pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return hessians
+
+
 @torch.no_grad()
 def quantize_model(model, calibration: list[torch.Tensor], config: GPTQConfig, progress=None
                    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """GPTQ of every quantizable linear of a float TelechatForCausalLM, block by block and, within a block, in
     SEQUENTIAL order (all at once with true_sequential false), each Hessian from the inputs the layer gets with the
-    layers before it already quantized. The model's weights are replaced by their dequantized values as it goes;
-    returns {module name: (codes, scales)}."""
+    layers before it already quantized; then the head if config.lm_head. The model's weights are replaced by their
+    dequantized values as it goes; returns {module name: (codes, scales)}."""
     if not calibration:
         raise TeleChatError("GPTQ needs calibration prompts (--calib FILE.jsonl)")
     steps = SEQUENTIAL if config.true_sequential else (sum(SEQUENTIAL, ()),)
+    groups = [({f"transformer.h.{index}.{name}": block.get_submodule(name) for name in step}, block)
+              for index, block in enumerate(model.transformer.h) for step in steps]
+    if config.lm_head:
+        groups.append(({LM_HEAD_MODULE: model.lm_head}, model.lm_head))
     result = {}
-    for index, block in enumerate(model.transformer.h):
-        for step in steps:
-            linears = {f"transformer.h.{index}.{name}": block.get_submodule(name) for name in step}
-            hessians = {name: torch.zeros(m.in_features, m.in_features) for name, m in linears.items()}
-
-            def accumulate(name):
-                def hook(module, args):
-                    x = args[0].reshape(-1, module.in_features).float()
-                    hessians[name] += x.T @ x
-                return hook
-
-            def stop(module, args, output):
-                raise _BlockDone
-
-            handles = [m.register_forward_pre_hook(accumulate(name)) for name, m in linears.items()]
-            handles.append(block.register_forward_hook(stop))
-            try:
-                for ids in calibration:
-                    try:
-                        model(ids[None].to(model.device), use_cache=False)
-                    except _BlockDone:
-                        pass
-            finally:
-                for handle in handles:
-                    handle.remove()
-            for name, linear in linears.items():
-                codes, scales = quantize_columns(linear.weight, hessians[name], config.bits, config.group_size,
-                                                 config.damp_percent)
-                linear.weight.copy_(quant.dequantize_weight(codes, scales))
-                result[name] = codes, scales
-                if progress:
-                    progress.update(1)
+    for linears, last in groups:
+        hessians = _hessians(model, linears, last, calibration)
+        for name, linear in linears.items():
+            codes, scales = quantize_columns(linear.weight, hessians[name], config.bits, config.group_size,
+                                             config.damp_percent)
+            linear.weight.copy_(quant.dequantize_weight(codes, scales))
+            result[name] = codes, scales
+            if progress:
+                progress.update(1)
     return result
 
 
@@ -198,26 +210,31 @@ def write_folder(model, quantized: dict, config: GPTQConfig, src: Path, out: Pat
 
 
 def quantize_folder(src: str | Path, out: str | Path, bits: int, calib: str | Path, group_size: int = 128,
-                    damp_percent: float = 0.01, force: bool = False, progress: bool = False) -> dict:
-    """`telechat-ascend quantize --method gptq`: the float folder `src` as a GPTQ folder `out`; returns a record
-    of what was done for the command to print."""
+                    damp_percent: float = 0.01, force: bool = False, progress: bool = False,
+                    lm_head: bool = False) -> dict:
+    """`telechat-ascend quantize --method gptq`: the float folder `src` as a GPTQ folder `out` (with lm_head, the
+    head quantized too: GPTQModel's `lm_head: true`); returns a record of what was done for the command to print."""
     from .quantize import calibration_ids, load_float_model, read_prompts
-    config = GPTQConfig(bits, group_size, damp_percent)
+    config = GPTQConfig(bits, group_size, damp_percent, lm_head=lm_head)
     check_gptq_options(config)
     if calib is None:
         raise TeleChatError("gptq needs calibration prompts (--calib FILE.jsonl): its Hessians come from them")
     texts = read_prompts(calib, GPTQ_CALIB_SAMPLES)
     src = Path(src)
     model, _ = load_float_model(src)
-    for name in quantizable_linears(model):
+    if lm_head and model.config.tie_word_embeddings:
+        raise TeleChatError(f"--lm-head: {src} ties its head to the word embeddings (config.json tie_word_embeddings "
+                            f"absent or true), which stay fp16; quantizing the head would store it twice")
+    linears = quantizable_linears(model) + ([LM_HEAD_MODULE] if lm_head else [])
+    for name in linears:
         if model.get_submodule(name).in_features % group_size:
             raise TeleChatError(f"--group-size {group_size} does not divide the input size of {name} "
                                 f"({model.get_submodule(name).in_features})")
     calibration = calibration_ids(TeleChatTokenizer.from_pretrained(src), texts, GPTQ_CALIB_TOKENS)
-    with tqdm(total=len(quantizable_linears(model)), unit="linear", desc="gptq", disable=not progress) as bar:
+    with tqdm(total=len(linears), unit="linear", desc="gptq", disable=not progress) as bar:
         quantized = quantize_model(model, calibration, config, bar)
     write_folder(model, quantized, config, src, Path(out), force)
-    return {"bits": bits, "group_size": group_size, "linears": len(quantized),
+    return {"bits": bits, "group_size": group_size, "linears": len(quantized), "lm_head": lm_head,
             "calibration": {"prompts": len(calibration), "tokens": sum(len(ids) for ids in calibration)},
             "bytes": sum(f.stat().st_size for f in Path(out).glob("gptq_model-*"))}
 

@@ -50,12 +50,12 @@ from torch import nn
 
 from telechat_ascend.chips import check_quantization_for_chip
 from telechat_ascend.errors import TeleChatError
-from telechat_ascend.weights import LM_HEAD, some_names
+from telechat_ascend.weights import LM_HEAD, LM_HEAD_MODULE, some_names
 
 from .device import load_torch_npu, normalize_chip, npu_chip
 
 METHODS = ("w8a16", "w8a8", "w4a16")  # the in-memory formats; w4a16 comes from 4-bit GPTQ folders
-LINEARS = ("query", "key_value", "dense", "gate_proj", "up_proj", "down_proj")  # embeddings, norms, lm_head stay float
+LINEARS = ("query", "key_value", "dense", "gate_proj", "up_proj", "down_proj")  # of each block; lm_head: see `lm_head`
 QMAX = 127  # symmetric int8: -128 is never used, so negation stays exact
 CPU_DECODE_ROWS = 16  # at most this many rows per call take the CPU int8 kernel; more are prefill (see above)
 # The CPU's dot-product instructions, which decide the prefill kernels (module docstring).
@@ -65,8 +65,8 @@ ACL_FORMAT_FRACTAL_NZ = 29
 KERNEL_ALIGNMENT = 64  # bytes: torch's CPU allocator gives this, and AVX-512 kernels load whole 64-byte lines
 
 
-def check_quantization(quantization: dict) -> tuple[str, int, list[str]]:
-    """(method, group_size, float_modules) of a config.json `quantization` section, validated."""
+def check_quantization(quantization: dict) -> tuple[str, int, list[str], bool]:
+    """(method, group_size, float_modules, lm_head) of a config.json `quantization` section, validated."""
     if not isinstance(quantization, dict):
         raise TeleChatError(f"config field 'quantization' must be an object, got {quantization!r}")
     method = quantization.get("method")
@@ -83,7 +83,13 @@ def check_quantization(quantization: dict) -> tuple[str, int, list[str]]:
     keep = quantization.get("float_modules", [])
     if not isinstance(keep, list) or not all(isinstance(name, str) for name in keep):
         raise TeleChatError(f"quantization float_modules must be a list of module names, got {keep!r}")
-    return method, group_size, keep
+    lm_head = quantization.get("lm_head", False)
+    if type(lm_head) is not bool:
+        raise TeleChatError(f"quantization lm_head must be true or false, got {lm_head!r}")
+    if lm_head and method == "w8a8":
+        raise TeleChatError("quantization lm_head: w8a8 keeps the head float (its activation scales are calibrated "
+                            "for the block linears only)")
+    return method, group_size, keep, lm_head
 
 
 # --- quantization math ---------------------------------------------------------------------------------------------
@@ -454,11 +460,16 @@ def replace_linears(model: nn.Module, quantization: dict) -> nn.Module:
     """Swap the quantizable nn.Linear modules of a TeleChat model for empty Int8Linear ones, as the config's
     `quantization` section says; from_pretrained then loads the int8 state straight into them. Called from
     TelechatForCausalLM.__init__, so no float copy of the weights is ever loaded."""
-    method, group_size, keep = check_quantization(quantization)
+    method, group_size, keep, lm_head = check_quantization(quantization)
     names = quantizable_linears(model)
     unknown = sorted(set(keep) - set(names))
     if unknown:
         raise TeleChatError(f"quantization float_modules names modules this model does not have: {unknown[:3]}")
+    if lm_head:
+        if model.config.tie_word_embeddings:
+            raise TeleChatError("quantization lm_head true needs a head of its own (config.json tie_word_embeddings "
+                                "false): a tied head is the embedding, which stays float")
+        names.append(LM_HEAD_MODULE)
     layer = Int4Linear if method == "w4a16" else Int8Linear
     for name in names:
         if name not in keep:

@@ -236,10 +236,11 @@ def _cast_float_tensors(model, dtype: torch.dtype) -> None:
 
 def quantize_folder(src: str | Path, out: str | Path, method: str, calib: str | Path | None = None,
                     group_size: int | None = None, keep_float: int = 0, alpha: float = 0.5, soc: str | None = None,
-                    force: bool = False, bits: int = 8, damp_percent: float = 0.01, fmt: str = "ours") -> dict:
+                    force: bool = False, bits: int = 8, damp_percent: float = 0.01, fmt: str = "ours",
+                    lm_head: bool = False) -> dict:
     """Quantize the float TeleChat folder `src` into `out`; returns the quant_config record. group_size None: per
     channel for w8a16, 128 (as published) for gptq. fmt "msmodelslim": msModelSlim's layout (MindIE, vllm-ascend)
-    instead of ours."""
+    instead of ours. lm_head: gptq only, the head quantized too."""
     if fmt not in FORMATS:
         raise TeleChatError(f"unknown --format {fmt!r}: expected one of {', '.join(FORMATS)}")
     if fmt == "msmodelslim" and (method == "gptq" or group_size or keep_float):
@@ -253,7 +254,10 @@ def quantize_folder(src: str | Path, out: str | Path, method: str, calib: str | 
         if keep_float:
             raise TeleChatError("--keep-float does not apply to --method gptq: every linear is quantized")
         return gptq_folder(src, out, bits, calib, 128 if group_size is None else group_size, damp_percent, force,
-                           progress=True)
+                           progress=True, lm_head=lm_head)
+    if lm_head:
+        raise TeleChatError(f"--lm-head applies to --method gptq only; {method} keeps the head float, as the "
+                            f"published int8 models do")
     group_size = group_size or 0
     # Everything that can be checked before loading the model is.
     check_options(method, group_size, keep_float, calib is not None, alpha)
@@ -319,10 +323,12 @@ def load_for_eval(folder: str | Path, device: str = "cpu", dtype: str | None = N
 
 def run_quantize(args) -> None:
     record = quantize_folder(args.model, args.out, args.method, args.calib, args.group_size, args.keep_float,
-                             args.alpha, args.soc, args.force, args.bits, args.damp_percent, args.format)
+                             args.alpha, args.soc, args.force, args.bits, args.damp_percent, args.format,
+                             args.lm_head)
     if args.method == "gptq":
         print(f"gptq {args.bits}-bit, group {record['group_size']}: wrote {args.out} ({record['bytes'] / 1e6:.1f} MB "
-              f"of weights; {record['linears']} linears, {record['calibration']['tokens']} calibration tokens)")
+              f"of weights; {record['linears']} linears{' with the head' if record['lm_head'] else ''}, "
+              f"{record['calibration']['tokens']} calibration tokens)")
         return
     sizes = record["bytes"]
     quantized = sizes["int8"] + sizes["scales"] + sizes["float"]

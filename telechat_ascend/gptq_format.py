@@ -8,7 +8,8 @@ Per quantized linear `<m>` (query, key_value, dense, gate_proj, up_proj, down_pr
     <m>.scales   fp16  [K/group, N]
     <m>.g_idx    int32 [K]  group of each input row: i // group unless desc_act reordered them
     <m>.bias     fp16  [N]  dense and down_proj
-W[n, k] = scales[g, n] · (code[k, n] − zero[g, n]) with g = g_idx[k]. Embeddings, norms and lm_head stay fp16.
+W[n, k] = scales[g, n] · (code[k, n] − zero[g, n]) with g = g_idx[k]. Embeddings and norms stay fp16, and so does
+lm_head unless quantize_config.json sets GPTQModel's `lm_head: true` (then lm_head is packed like the others too).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class GPTQConfig:
     damp_percent: float = 0.01
     desc_act: bool = False
     true_sequential: bool = True
+    lm_head: bool = False  # GPTQModel's field: the output head is quantized too (AutoGPTQ never does)
 
     @property
     def zero(self) -> int:
@@ -42,7 +44,8 @@ class GPTQConfig:
     def to_json(self, file_base_name: str) -> dict:
         return {"bits": self.bits, "group_size": self.group_size, "damp_percent": self.damp_percent,
                 "desc_act": self.desc_act, "sym": True, "true_sequential": self.true_sequential,
-                "model_name_or_path": None, "model_file_base_name": file_base_name}
+                "model_name_or_path": None, "model_file_base_name": file_base_name,
+                **({"lm_head": True} if self.lm_head else {})}  # the published layout has no such field
 
 
 def is_gptq_folder(folder: str | Path) -> bool:
@@ -71,8 +74,11 @@ def read_quantize_config(folder: str | Path) -> GPTQConfig:
     damp = data.get("damp_percent", 0.01)
     if not isinstance(damp, (int, float)) or not 0 < damp < 1:
         raise TeleChatError(f"{path}: damp_percent {damp!r} must be a number in (0, 1)")
+    lm_head = data.get("lm_head", False)
+    if type(lm_head) is not bool:
+        raise TeleChatError(f"{path}: lm_head {lm_head!r} must be true or false")
     return GPTQConfig(bits, group, float(damp), bool(data.get("desc_act", False)),
-                      bool(data.get("true_sequential", True)))
+                      bool(data.get("true_sequential", True)), lm_head)
 
 
 def weight_file_candidates(folder: Path) -> list[Path]:

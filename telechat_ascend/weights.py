@@ -1,7 +1,8 @@
 """Tensor names and shapes of a TeleChat checkpoint, and the one table that maps HF names to MindFormers names.
 
 HF names are kept canonical here: without the optional `transformer.` prefix that the 12B/1B releases add (7B has
-none). `lm_head.weight` is top level in every release, so the prefix never applies to it.
+none). The head (`lm_head.weight`, or a GPTQ folder's packed `lm_head.qweight`, ...) is top level in every
+release, so the prefix never applies to it.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from dataclasses import dataclass
 from telechat_ascend.config import HF_KEY_PREFIX, TeleChatConfig
 from telechat_ascend.errors import TeleChatError
 
-LM_HEAD = "lm_head.weight"
+LM_HEAD_MODULE = "lm_head"
+LM_HEAD = f"{LM_HEAD_MODULE}.weight"
 
 # (HF name, MindFormers research/telechat name, shape in terms of the config's sizes). A pure rename: both store
 # Linear weights [out, in], and wk_v keeps HF's per-head interleaved [K_j; V_j] rows.
@@ -61,8 +63,12 @@ def tensor_specs(config: TeleChatConfig) -> list[TensorSpec]:
     return [embedding, *layers, final_norm] + ([] if config.tied else [head])
 
 
+def is_lm_head(name: str) -> bool:
+    return name.partition(".")[0] == LM_HEAD_MODULE
+
+
 def hf_name(canonical: str, prefix: str) -> str:
-    return canonical if canonical == LM_HEAD else prefix + canonical
+    return canonical if is_lm_head(canonical) else prefix + canonical
 
 
 def canonical_hf_name(name: str) -> str:
@@ -71,7 +77,7 @@ def canonical_hf_name(name: str) -> str:
 
 def detect_hf_prefix(names: list[str]) -> str:
     """'transformer.' or '' from a checkpoint's keys; a mixture is an error."""
-    body = [n for n in names if n != LM_HEAD]
+    body = [n for n in names if not is_lm_head(n)]
     prefixed = {n.startswith(HF_KEY_PREFIX) for n in body}
     if len(prefixed) > 1:
         sample = next(n for n in body if not n.startswith(HF_KEY_PREFIX))

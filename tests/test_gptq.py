@@ -183,6 +183,8 @@ def edit_config(folder, **changes):
     ({"group_size": -1}, "group_size -1 is not supported"),
     ({"sym": False}, "sym False: asymmetric GPTQ is not supported"),
     ({"checkpoint_format": "gptq_v2"}, "checkpoint_format 'gptq_v2' is not supported"),
+    ({"lm_head": "yes"}, "lm_head 'yes' must be true or false"),
+    ({"lm_head": True}, "lm_head true, but the weights hold a float lm_head"),
 ])
 def test_unsupported_quantize_configs_are_refused_by_field(published, tmp_path, changes, message):
     folder, _, _ = gptq_folder("12B", tmp_path / "q", 8, published)
@@ -405,6 +407,74 @@ def test_quantize_gptq_rejects_bad_options(trained, tmp_path):
         with pytest.raises(TeleChatError, match=message):
             quantize_folder(folder, tmp_path / "out", "gptq", **kwargs)
         assert not (tmp_path / "out").exists()
+
+
+def unpack_plainly(words: np.ndarray, bits: int, axis: int) -> np.ndarray:
+    """The inverse of pack_plainly: element i of each run of 32/bits along `axis` from bit offset bits·i."""
+    per, words = 32 // bits, words.view(np.uint32)
+    words = words if axis == 0 else words.T
+    codes = np.zeros((words.shape[0] * per, words.shape[1]), dtype=np.int64)
+    for i in range(per):
+        codes[i::per] = (words >> np.uint32(bits * i)) & (2 ** bits - 1)
+    return codes if axis == 0 else codes.T
+
+
+def dequantize_plainly(folder, bits):
+    """{float tensor name: fp32 value} of a GPTQ folder: W[n, k] = scales[k // group, n] · (code[k, n] − (stored
+    zero + 1)), and every other tensor as stored."""
+    with safe_open(next(folder.glob("gptq_model-*.safetensors")), "np") as f:
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    out = {}
+    for name, value in tensors.items():
+        module, _, field = name.rpartition(".")
+        if field == "qweight":
+            codes = unpack_plainly(value, bits, 0)  # [K, N]
+            zeros = unpack_plainly(tensors[module + ".qzeros"], bits, 1) + 1
+            scales = tensors[module + ".scales"].astype(np.float32)
+            out[module + ".weight"] = (scales.repeat(GROUP, 0) * (codes - zeros.repeat(GROUP, 0))).T
+        elif field not in ("qzeros", "scales", "g_idx"):
+            out[name] = value.astype(np.float32)
+    return out
+
+
+def test_quantize_gptq_with_the_head(trained, tmp_path, monkeypatch):
+    """--lm-head (GPTQModel's lm_head: true): the head packed like the block linears, loaded as an int4 layer, and
+    the model computing what the float model computes on the file's dequantized weights; convert reads it too."""
+    folder, ids = trained
+    out = tmp_path / "gptq4h"
+    main(["quantize", "--method", "gptq", "--bits", "4", "--lm-head", "--model", str(folder), "--out", str(out),
+          "--calib", str(folder / "calib.jsonl")])
+    assert json.loads((out / "quantize_config.json").read_text())["lm_head"] is True
+    weights = dequantize_plainly(out, 4)
+    with safe_open(out / "gptq_model-4bit-128g.safetensors", "np") as f:
+        names = set(f.keys())
+        assert f.get_tensor("lm_head.qweight").shape == (128 * 4 // 32, 4096)
+    assert "lm_head.weight" not in names and {"lm_head.qzeros", "lm_head.scales", "lm_head.g_idx"} <= names
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert type(model.lm_head) is quant.Int4Linear
+    reference = from_pretrained(folder)
+    with torch.no_grad():
+        for name, param in reference.named_parameters():
+            param.copy_(torch.from_numpy(weights[name]))
+    monkeypatch.setattr(quant, "CPU_BF16_DOT", False)  # prefill on the exact fp32 path
+    prompt = torch.tensor([ids[:40]])
+    with torch.no_grad():
+        assert (model(prompt).logits - reference(prompt).logits).abs().max() < 1e-4
+    converted = AutoModelForCausalLM.from_pretrained(convert_checkpoint(out, tmp_path / "hf", to="hf",
+                                                                        dtype="fp32").output)
+    assert torch.equal(converted.lm_head.weight, torch.from_numpy(weights["lm_head.weight"]))
+    assert perplexity(model, ids) < 1.1 * perplexity(from_pretrained(folder), ids)
+
+
+def test_the_head_is_quantized_only_where_it_is_its_own(published, tmp_path):
+    folder, src, _ = gptq_folder("7B", tmp_path / "q", 4, published)  # 7B ties the head to the embedding
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text(json.dumps({"text": "hello world"}) + "\n", encoding="utf-8")
+    with pytest.raises(TeleChatError, match="--lm-head: .* ties its head to the word embeddings"):
+        quantize_folder(src, tmp_path / "out", "gptq", calib, bits=4, lm_head=True)
+    with pytest.raises(TeleChatError, match="--lm-head applies to --method gptq only"):
+        quantize_folder(src, tmp_path / "out", "w8a16", lm_head=True)
+    assert not (tmp_path / "out").exists()
 
 
 def test_eval_quant_and_chat_run_a_gptq_folder_made_here(trained, tmp_path, capsys):
