@@ -37,7 +37,7 @@ from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from telechat_ascend.config import HF_KEY_PREFIX, TeleChatConfig
 from telechat_ascend.errors import TeleChatError
 from telechat_ascend.rope import position_rope_tables
-from telechat_ascend.weights import LM_HEAD, is_lm_head
+from telechat_ascend.weights import is_lm_head
 
 # Checkpoint name -> (our parameter, shard) for the two MLP inputs vLLM runs as one GEMM.
 STACKED = {".mlp.gate_proj.": (".mlp.gate_up_proj.", 0), ".mlp.up_proj.": (".mlp.gate_up_proj.", 1)}
@@ -179,7 +179,7 @@ class TelechatForCausalLM(nn.Module):
             if not (is_lm_head(name) or name.startswith(HF_KEY_PREFIX)):
                 name = HF_KEY_PREFIX + name
             if is_lm_head(name) and self.core.tied:
-                raise TeleChatError(f"checkpoint holds {LM_HEAD}, but config.json ties the head to the embedding "
+                raise TeleChatError(f"checkpoint holds {name}, but config.json ties the head to the embedding "
                                     f"(tie_word_embeddings is absent or true)")
             shard = None
             for source, (target, index) in STACKED.items():
