@@ -4,7 +4,8 @@ benchmarks compare with our PyTorch backend (which cannot be imported beside vLL
     python -m pytorch_npu.vllm_probe '{"model": DIR, "prompts": [[ids...], ...], "max_tokens": 16}'
 
 Optional keys: tensor_parallel_size (1), block_size (32), max_model_len (1024), top (how many raw logits per step,
-default 8), prompt_logits (false: also the raw logits at every prompt position, top of them). Prints one line
+default 8), prompt_logits (false: also the raw logits at every prompt position, top of them), dtype (float32),
+quantization (none: what config.json says; "gptq" for folders that say it in quantize_config.json only). Prints one line
 `{"outputs": [{"tokens": [...], "logits": [{id: logit, ...} per step], "prompt_logits": [...]}, ...]}`."""
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"  # what scripts/setup-vllm.
 def probe(spec: dict) -> dict:
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=spec["model"], dtype="float32", enforce_eager=True, seed=0,
+    llm = LLM(model=spec["model"], dtype=spec.get("dtype", "float32"), quantization=spec.get("quantization"),
+              enforce_eager=True, seed=0,
               tensor_parallel_size=spec.get("tensor_parallel_size", 1), block_size=spec.get("block_size", 32),
               max_model_len=spec.get("max_model_len", 1024), kv_cache_memory_bytes=1 << 28,
               logprobs_mode="raw_logits", enable_prefix_caching=spec.get("prefix_caching", False))

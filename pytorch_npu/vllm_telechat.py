@@ -154,6 +154,7 @@ class TelechatForCausalLM(nn.Module):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
         self.core = vllm_config.model_config.hf_config.telechat
+        self.quant_config = vllm_config.quant_config
         self.transformer = TelechatModel(vllm_config=vllm_config, prefix=_join(prefix, "transformer"))
         self.lm_head = ParallelLMHead(self.core.vocab_size, self.core.hidden_size,
                                       quant_config=vllm_config.quant_config, prefix=_join(prefix, "lm_head"))
@@ -175,6 +176,12 @@ class TelechatForCausalLM(nn.Module):
         once, as the embedding. Anything else is an error naming the tensor; vLLM itself reports what is missing."""
         params = dict(self.named_parameters())
         loaded = set()
+        # vLLM's quantization configs name the checkpoint tensors their kernels do not take: GPTQ's g_idx, for one,
+        # since desc_act false (the published folders) is all its CPU and Marlin kernels run. A vLLM without the
+        # hook gets every tensor, as before it.
+        checkpoint_mapper = getattr(self.quant_config, "get_checkpoint_weight_mapper", None)
+        if checkpoint_mapper is not None:
+            weights = checkpoint_mapper().apply(weights)
         for name, tensor in weights:
             if not (is_lm_head(name) or name.startswith(HF_KEY_PREFIX)):
                 name = HF_KEY_PREFIX + name

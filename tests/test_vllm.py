@@ -18,8 +18,10 @@ import pytorch_npu.modeling_telechat  # noqa: F401  (registers model_type "telec
 from pytorch_npu import TelechatForCausalLM
 from pytorch_npu.vllm_probe import VLLM_PYTHON
 from pytorch_npu.vllm_probe import run as run_probe
+from pytorch_npu.quantize import quantize_folder
 from telechat_ascend.config import TeleChatConfig
 from telechat_ascend.initialize import init_checkpoint
+from telechat_ascend.tokenizer import TINY_CORPUS
 
 pytestmark = pytest.mark.skipif(not VLLM_PYTHON.exists(), reason="no .venv-vllm: run bash scripts/setup-vllm.sh "
                                                                   "(scripts/test.sh does)")
@@ -79,6 +81,32 @@ def test_published_style_folders_give_our_greedy_tokens_and_logits(release, fold
     rows = run_probe({"model": str(folder), "prompts": PROMPTS, "max_tokens": 12, "prefix_caching": True})
     for prompt, row in zip(PROMPTS, rows):
         assert_same(row, *ours(folder, prompt, 12))
+
+
+@pytest.mark.parametrize("lm_head", [False, True], ids=["published-layout", "lm-head"])
+def test_gptq_folders_run_on_vllms_gptq_kernels(tmp_path, published, lm_head):
+    """`quantize --method gptq` folders (4-bit, group 128; with --lm-head the head too) under vLLM's AutoGPTQ method
+    and int4 kernels (--quantization gptq: published folders say it in quantize_config.json only), with the bf16
+    activations those kernels take: the first token's logits within bf16 rounding of our fp32 backend on the same
+    folder, and the same first token. Wrong packing, zeros or a head read as float would be off by the logits' size."""
+    src = published_style("12B", tmp_path / "float", ffn_hidden_size=1664)  # group 128 divides every input size
+    calib = tmp_path / "calib.jsonl"
+    lines = [line for line in TINY_CORPUS.read_text(encoding="utf-8").splitlines() if line.strip()][:16]
+    calib.write_text("".join(json.dumps({"text": line}, ensure_ascii=False) + "\n" for line in lines),
+                     encoding="utf-8")
+    folder = tmp_path / "gptq"
+    quantize_folder(src, folder, "gptq", calib, bits=4, lm_head=lm_head)
+    assert json.loads((folder / "quantize_config.json").read_text()).get("lm_head", False) == lm_head
+    rows = run_probe({"model": str(folder), "prompts": PROMPTS, "max_tokens": 1, "dtype": "bfloat16",
+                      "quantization": "gptq"})
+    model = TelechatForCausalLM.from_pretrained(folder).eval()
+    for prompt, row in zip(PROMPTS, rows):
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt])).logits[0, -1]
+        assert row["tokens"] == [int(logits.argmax())]
+        tolerance = 0.05 * float(logits.abs().max())  # bf16 activations: measured 0.017 of it
+        for token, value in row["logits"][0].items():
+            assert abs(value - float(logits[int(token)])) <= tolerance, token
 
 
 def test_decoding_past_the_training_length_is_exact(tmp_path, published):
