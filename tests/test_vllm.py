@@ -83,13 +83,16 @@ def test_published_style_folders_give_our_greedy_tokens_and_logits(release, fold
         assert_same(row, *ours(folder, prompt, 12))
 
 
-@pytest.mark.parametrize("lm_head", [False, True], ids=["published-layout", "lm-head"])
-def test_gptq_folders_run_on_vllms_gptq_kernels(tmp_path, published, lm_head):
-    """`quantize --method gptq` folders (4-bit, group 128; with --lm-head the head too) under vLLM's AutoGPTQ method
-    and int4 kernels (--quantization gptq: published folders say it in quantize_config.json only), with the bf16
-    activations those kernels take: the first token's logits within bf16 rounding of our fp32 backend on the same
-    folder, and the same first token. Wrong packing, zeros or a head read as float would be off by the logits' size."""
-    src = published_style("12B", tmp_path / "float", ffn_hidden_size=1664)  # group 128 divides every input size
+@pytest.mark.parametrize("release, lm_head", [("12B", False), ("12B", True), ("7B", False)],
+                         ids=["12B", "12B-lm-head", "7B-tied"])
+def test_gptq_folders_run_on_vllms_gptq_kernels(tmp_path, published, release, lm_head):
+    """`quantize --method gptq` folders (4-bit, group 128; with --lm-head the head too; the 7B's head tied to its
+    fp16 embedding) under vLLM's AutoGPTQ method and int4 kernels (--quantization gptq: published folders say it
+    in quantize_config.json only), with the bf16 activations those kernels take: the first token's logits within
+    bf16 rounding of our fp32 backend on the same folder, and the same first token. Wrong packing, zeros or a
+    head read as float would be off by the logits' size."""
+    ffn = {"12B": 1664, "7B": 1408}[release]  # group 128 divides every input size
+    src = published_style(release, tmp_path / "float", ffn_hidden_size=ffn)
     calib = tmp_path / "calib.jsonl"
     lines = [line for line in TINY_CORPUS.read_text(encoding="utf-8").splitlines() if line.strip()][:16]
     calib.write_text("".join(json.dumps({"text": line}, ensure_ascii=False) + "\n" for line in lines),
