@@ -41,6 +41,8 @@ ROWS = [
     ("train step: ours / published code", "train_step", ("ours_vs_published",), 1.25, "{:.2f}x"),
     ("train step: of the GEMM roofline", "train_step", ("ours_vs_roofline",), 0.90, "{:.0%}"),
     ("decode fp32, batch 1: of the bandwidth bound", "torch_cpu", ("decode_fp32_vs_bound",), 0.75, "{:.0%}"),
+    ("decode fp32: its linear layers alone, of the bound (why)", "torch_cpu", ("decode_fp32_linears_alone_vs_bound",),
+     None, "{:.0%}"),
     ("decode bf16, batch 1: of its bandwidth bound", "torch_cpu", ("decode_bf16_vs_bound",), None, "{:.0%}"),
     ("decode w8a16, batch 1: of its bandwidth bound", "torch_cpu", ("decode_w8a16_vs_bound",), None, "{:.0%}"),
     *[(f"{m} prefill {n} tokens: / fp32", "int8_cpu", (f"{m}_{n}", "prefill_vs_fp32"),

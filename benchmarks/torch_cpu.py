@@ -2,8 +2,9 @@
 (a) training-step tokens/s (forward + backward + AdamW step, fp32) at sequence length 512;
 (b) batch-1 decode tokens/s with the KV cache (the steps after the prefill), in fp32 (also against full
     recomputation), bf16 and w8a16, each as a fraction of its memory-bandwidth bound: the bytes of weights read per
-    token (everything but the embedding table, of which one row is read) over the copy bandwidth measured in the
-    same run.
+    token (everything but the embedding table, of which one row is read) over the copy bandwidth measured between
+    the timed generate() calls: a shared machine's memory bandwidth swings with its neighbours' load (36-58 GB/s
+    within seconds on a 2-core cloud VM, measured), so rate and bound come from the same seconds.
 
     python benchmarks/torch_cpu.py [--device cpu|cuda|npu] [--steps 3] [--new-tokens 64] [--json FILE]
 """
@@ -35,18 +36,29 @@ def bytes_read_per_token(model) -> int:
     return sum(weight_bytes(model).values()) - unread
 
 
-def decode_rate(device, model, prompt, new_tokens: int, use_cache: bool = True) -> float:
-    """Tokens/s of the decode steps alone: generate() of new_tokens less generate() of one (the prefill, which
-    gives the first token), each the best of 3."""
+def decode_rate(device, model, prompt, new_tokens: int, use_cache: bool = True) -> tuple[float, float, float]:
+    """(tokens/s of the decode steps alone, tokens/s of their linear layers alone, copy bandwidth), each the best of
+    3 rounds. The decode steps: generate() of new_tokens less generate() of one (the prefill, which gives the first
+    token). The linear layers: every one of the model's, in model order, on one row each, back to back: the rate
+    the kernels allow with nothing else in the step."""
     settings = dict(do_sample=False, eos_token_id=None, pad_token_id=0, use_cache=use_cache)
+    dtype = model.get_input_embeddings().weight.dtype
+    layers = [(m, torch.randn(1, 1, m.in_features, device=device, dtype=dtype))
+              for m in model.modules() if hasattr(m, "in_features")]
 
     def seconds(tokens: int) -> float:
-        run = lambda: model.generate(prompt, max_new_tokens=tokens, min_new_tokens=tokens, **settings)
-        return min(timed(device, run) for _ in range(3))
+        return timed(device, lambda: model.generate(prompt, max_new_tokens=tokens, min_new_tokens=tokens, **settings))
+
+    def linears_alone():
+        for layer, row in layers:
+            layer(row)
 
     with torch.no_grad():
         seconds(4)  # warm up
-        return (new_tokens - 1) / (seconds(new_tokens) - seconds(1))
+        rounds = [(copy_bandwidth(device), timed(device, linears_alone), seconds(new_tokens), seconds(1))
+                  for _ in range(3)]
+    bandwidth, linears, many, one = (f(column) for f, column in zip((max, min, min, min), zip(*rounds)))
+    return (new_tokens - 1) / (many - one), 1 / linears, bandwidth
 
 
 def main() -> None:
@@ -88,19 +100,19 @@ def main() -> None:
     if device.type == "cpu":  # the int8 kernels of pytorch_npu.quant
         variants["w8a16"] = copy.deepcopy(model)
         quantize_model(variants["w8a16"], "w8a16")
-    bandwidth = copy_bandwidth(device)
-    figures["copy_bandwidth_gb_s"] = bandwidth / 1e9
-    print(f"(b) decode, batch 1, prompt {args.prompt_len}, {args.new_tokens} new tokens; copy bandwidth "
-          f"{bandwidth / 1e9:.1f} GB/s")
+    print(f"(b) decode, batch 1, prompt {args.prompt_len}, {args.new_tokens} new tokens")
     for name, variant in variants.items():
-        rate = decode_rate(device, variant, prompt, args.new_tokens)
+        rate, linears_rate, bandwidth = decode_rate(device, variant, prompt, args.new_tokens)
         weight_bytes = bytes_read_per_token(variant)
         bound = bandwidth / weight_bytes
         figures[f"decode_{name}_tokens_per_s"] = rate
         figures[f"decode_{name}_vs_bound"] = rate / bound
-        print(f"    {name:6s} {rate:6.1f} tokens/s; {weight_bytes / 1e6:4.0f} MB of weights per token: bound "
-              f"{bound:.1f} tokens/s, reached {rate / bound:.0%}")
-    recomputed = decode_rate(device, model, prompt, args.new_tokens, use_cache=False)
+        figures[f"decode_{name}_linears_alone_vs_bound"] = linears_rate / bound
+        figures[f"decode_{name}_copy_bandwidth_gb_s"] = bandwidth / 1e9
+        print(f"    {name:6s} {rate:6.1f} tokens/s; {weight_bytes / 1e6:4.0f} MB of weights per token at "
+              f"{bandwidth / 1e9:.1f} GB/s: bound {bound:.1f} tokens/s, reached {rate / bound:.0%}; its linear "
+              f"layers alone {linears_rate:.1f} tokens/s, {linears_rate / bound:.0%} of the bound")
+    recomputed, _, _ = decode_rate(device, model, prompt, args.new_tokens, use_cache=False)
     print(f"    fp32 with full recomputation instead of the cache: {recomputed:.1f} tokens/s (the cache's speed-up "
           f"{figures['decode_fp32_tokens_per_s'] / recomputed:.2f}x)")
     if args.json:

@@ -172,6 +172,18 @@ def npu_chip() -> str:
     return chip
 
 
+@functools.cache
+def cpu_vendor(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The x86 vendor string of this machine's CPU ("GenuineIntel", "AuthenticAMD", "HygonGenuine", ...), or "" where
+    /proc/cpuinfo does not say (other systems, other architectures)."""
+    try:
+        with open(cpuinfo, encoding="ascii", errors="replace") as f:
+            match = re.search(r"^vendor_id\s*:\s*(\S+)", f.read(), re.MULTILINE)
+    except OSError:
+        return ""
+    return match.group(1) if match else ""
+
+
 def detect_chip(device: torch.device | str) -> str:
     """"cpu", "cuda" or the NPU chip family for a device."""
     kind = device.type if isinstance(device, torch.device) else str(device).split(":")[0]

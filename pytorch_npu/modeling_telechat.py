@@ -38,6 +38,13 @@ class TelechatRMSNorm(nn.Module):
         return ops.rms_norm(x, self.weight, self.eps)
 
 
+class TelechatLinear(nn.Linear):
+    """nn.Linear whose product runs on the kernel ops.linear picks for the device (the state dict is nn.Linear's)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.linear(x, self.weight, self.bias)
+
+
 class TelechatRotaryEmbedding(nn.Module):
     """cos/sin [B, S, 1, D] for the given positions, duplicated halves ([θ, θ]) as rotate_half expects.
 
@@ -116,9 +123,9 @@ class TelechatAttention(nn.Module):
         core = config.telechat
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = core.n_head, core.kv_heads, core.head_dim
-        self.query = nn.Linear(core.hidden_size, core.hidden_size, bias=False)
-        self.key_value = nn.Linear(core.hidden_size, 2 * self.num_kv_heads * self.head_dim, bias=False)
-        self.dense = nn.Linear(core.hidden_size, core.hidden_size, bias=True)
+        self.query = TelechatLinear(core.hidden_size, core.hidden_size, bias=False)
+        self.key_value = TelechatLinear(core.hidden_size, 2 * self.num_kv_heads * self.head_dim, bias=False)
+        self.dense = TelechatLinear(core.hidden_size, core.hidden_size, bias=True)
         self.attention_dropout = core.attention_dropout
 
     def forward(self, x, cos, sin, mask, cache: Cache | None):
@@ -139,9 +146,9 @@ class TelechatAttention(nn.Module):
 class TelechatMLP(nn.Module):
     def __init__(self, config: TelechatConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.ffn_hidden_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.ffn_hidden_size, bias=False)
-        self.down_proj = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=True)
+        self.gate_proj = TelechatLinear(config.hidden_size, config.ffn_hidden_size, bias=False)
+        self.up_proj = TelechatLinear(config.hidden_size, config.ffn_hidden_size, bias=False)
+        self.down_proj = TelechatLinear(config.ffn_hidden_size, config.hidden_size, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
@@ -252,7 +259,7 @@ class TelechatForCausalLM(TelechatPreTrainedModel, GenerationMixin):
     def __init__(self, config: TelechatConfig):
         super().__init__(config)
         self.transformer = TelechatModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = TelechatLinear(config.hidden_size, config.vocab_size, bias=False)
         if getattr(config, "quantization", None):  # an int8 folder written by `telechat-ascend quantize`
             quant.replace_linears(self, config.quantization)
         self.post_init()

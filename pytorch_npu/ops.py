@@ -15,8 +15,10 @@ Kernel per op and chip (910b = Atlas A2, 310p = Atlas 300I Pro/Duo; "plain" runs
 | rms_norm | npu_rms_norm   | npu_rms_norm   | npu_rms_norm                    | plain     |
 | rotary   | npu_rotary_mul | npu_rotary_mul | npu_rotary_mul if head_dim 128  | plain     |
 | swiglu   | npu_swiglu     | plain          | plain                           | plain     |
+| linear   | plain          | plain          | plain                           | plain, or oneDNN on a non-Intel x86 CPU |
 
-Attention depends on the phase as well: see `attention_kernel`.
+Attention depends on the phase as well: see `attention_kernel`; linear on the CPU on the dtype and on gradients: see
+`linear_kernel`.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 
 from telechat_ascend.errors import TeleChatError
 
-from .device import load_torch_npu, normalize_chip, npu_chip
+from .device import cpu_vendor, load_torch_npu, normalize_chip, npu_chip
 
 MAX_TOKENS = 2**31 - 1  # "no limit" for the pre/next token bands of the NPU attention kernels
 
@@ -46,6 +48,35 @@ def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     # Tensor.to costs ~1.5 µs of argument parsing even when it returns x itself; fp32 decoding made four such no-op
     # casts per layer (with the no-op dropout calls, 1.5% of a decode step, measured).
     return x if x.dtype == dtype else x.to(dtype)
+
+
+# --- Linear --------------------------------------------------------------------------------------------------------
+
+# F.linear in fp32 calls MKL on x86, whose tuned kernels run on Intel CPUs; on others (AMD EPYC Zen 4, measured) its
+# one-row GEMV stays on one thread at 13.6 GB/s where oneDNN's inner product reads 32 GB/s on two, and its GEMMs
+# run at 0.7-0.95x oneDNN's. On Intel CPUs MKL's fp32 GEMV was measured at the copy bandwidth, so it stays there.
+CPU_ONEDNN_LINEAR = (torch.backends.mkldnn.is_available()
+                     and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+                     and cpu_vendor() not in ("GenuineIntel", ""))
+
+
+def linear_kernel(device_type: str, dtype: torch.dtype, needs_grad: bool) -> str:
+    """"onednn" (torch's `mkldnn._linear_pointwise`, the op torch.compile's CPU backend emits for linear layers) or
+    "plain" (F.linear). oneDNN for fp32 on CPUs where CPU_ONEDNN_LINEAR holds, and only without gradients: the op
+    has no backward. bf16 and fp16 F.linear already run on oneDNN."""
+    if device_type == "cpu" and dtype == torch.float32 and not needs_grad and CPU_ONEDNN_LINEAR:
+        return "onednn"
+    return "plain"
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x · weightᵀ + bias for x [..., K] and weight [N, K], as F.linear."""
+    same_dtype = weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype)
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                              or (bias is not None and bias.requires_grad))
+    if same_dtype and linear_kernel(_device_type(x), x.dtype, needs_grad) == "onednn":
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
 
 
 # --- RMSNorm -------------------------------------------------------------------------------------------------------

@@ -45,13 +45,13 @@ import threading
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from telechat_ascend.chips import check_quantization_for_chip
 from telechat_ascend.errors import TeleChatError
 from telechat_ascend.weights import LM_HEAD, LM_HEAD_MODULE, some_names
 
+from . import ops
 from .device import load_torch_npu, normalize_chip, npu_chip
 
 METHODS = ("w8a16", "w8a8", "w4a16")  # the in-memory formats; w4a16 comes from 4-bit GPTQ folders
@@ -267,7 +267,7 @@ class Int8Linear(nn.Module):
     def _dequant(self, x2, dtype):
         # Per-channel scales go on the output (x·(q·s)ᵀ = (x·qᵀ)·s): the workspace holds the integer codes.
         weight = self._weight_into(_workspace(self.out_features, self.in_features, dtype, x2.device))
-        y = F.linear(self._activation(x2).to(dtype), weight).float()
+        y = ops.linear(self._activation(x2).to(dtype), weight).float()
         if not self.group_size:
             y = y * self._row_scale()
         return y if self.bias is None else y + self.bias.float()

@@ -273,3 +273,19 @@ def test_cuda_dtype_follows_bf16_support(monkeypatch, bf16_ok, default):
     if not bf16_ok:
         with pytest.raises(TeleChatError, match="does not support bf16"):
             device.resolve_dtype("cuda:0", "bf16")
+
+
+@pytest.mark.parametrize("text, vendor", [
+    ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\n\nprocessor\t: 1\nvendor_id\t: AuthenticAMD\n",
+     "AuthenticAMD"),
+    ("processor\t: 0\nvendor_id\t: GenuineIntel\n", "GenuineIntel"),
+    ("processor\t: 0\nBogoMIPS\t: 100.00\nCPU implementer\t: 0x48\n", ""),  # aarch64 (Kunpeng) says no vendor_id
+])
+def test_cpu_vendor_reads_proc_cpuinfo(text, vendor, tmp_path):
+    path = tmp_path / "cpuinfo"
+    path.write_text(text)
+    assert device.cpu_vendor(str(path)) == vendor
+
+
+def test_cpu_vendor_without_proc_cpuinfo_is_empty(tmp_path):
+    assert device.cpu_vendor(str(tmp_path / "absent")) == ""

@@ -20,7 +20,7 @@ from pytorch_npu.gptq import quantize_columns
 from pytorch_npu.pretrained import from_pretrained
 from pytorch_npu.quantize import quantize_folder
 from pytorch_npu.configuration_telechat import TelechatConfig
-from pytorch_npu.modeling_telechat import TelechatForCausalLM  # also registers TeleChat with transformers
+from pytorch_npu.modeling_telechat import TelechatForCausalLM, TelechatLinear  # also registers TeleChat
 from telechat_ascend.cli import main
 from telechat_ascend.convert import convert_checkpoint
 from telechat_ascend.errors import TeleChatError
@@ -161,13 +161,13 @@ def test_convert_dequantizes_a_gptq_source(case, tmp_path):
 
 
 def test_only_some_linears_quantized(published, tmp_path, monkeypatch):
-    """Tele-AI's TeleChat2 recipe leaves query and key_value in float: those stay nn.Linear."""
+    """Tele-AI's TeleChat2 recipe leaves query and key_value in float: those stay float linears."""
     monkeypatch.setattr(quant, "CPU_BF16_DOT", False)  # prefill on the exact fp32 path
     folder, src, dequantized = gptq_folder("12B", tmp_path / "q", 8, published,
                                            float_linears=("self_attention.query", "self_attention.key_value"))
     model = AutoModelForCausalLM.from_pretrained(folder)
     attn = model.transformer.h[0].self_attention
-    assert type(attn.query) is torch.nn.Linear and type(attn.dense) is quant.Int8Linear
+    assert type(attn.query) is TelechatLinear and type(attn.dense) is quant.Int8Linear
     ids = torch.tensor([PROMPT])
     with torch.no_grad():
         assert (model(ids).logits - float_model_on(src, dequantized)(ids).logits).abs().max() < 1e-4
@@ -372,7 +372,9 @@ def test_quantize_gptq_writes_the_published_layout_and_beats_round_to_nearest(tr
     rtn_model = AutoModelForCausalLM.from_pretrained(rtn_folder(folder, tmp_path / "rtn4", 4))
     ppl = {name: perplexity(m, ids) for name, m in (("float", float_model), ("gptq", gptq_model),
                                                     ("rtn", rtn_model))}
-    assert ppl["float"] < ppl["gptq"] < ppl["rtn"], ppl
+    # GPTQ beats round-to-nearest: a lower perplexity, nearer the float model's. On a model this small the
+    # quantization noise can land below the float perplexity too (it did on an AMD EPYC: 6.849 against 6.888).
+    assert ppl["gptq"] < ppl["rtn"] and abs(ppl["gptq"] - ppl["float"]) < abs(ppl["rtn"] - ppl["float"]), ppl
 
 
 def test_quantize_gptq_calibrates_on_gptq_sized_samples(trained, tmp_path):

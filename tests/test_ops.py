@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import npu_schema
+from isolated import run_isolated
 from pytorch_npu import ops
 from telechat_ascend.errors import TeleChatError
 
@@ -95,6 +96,79 @@ def test_swiglu_is_silu_gate_times_up():
     expected = gate * torch.sigmoid(gate) * up
     torch.testing.assert_close(ops.swiglu(gate, up), expected)
 
+
+
+@pytest.fixture(params=["oneDNN", "F.linear"])
+def cpu_linear(request, monkeypatch):
+    """Both CPU fp32 linear policies, whichever this machine's vendor selects: both run on any x86 CPU."""
+    monkeypatch.setattr(ops, "CPU_ONEDNN_LINEAR", request.param == "oneDNN")
+    return request.param
+
+
+def linear_operands(rows, k=48, n=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(2, rows, k, generator=g), torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 300])  # a decode step, a few rows, a prefill
+def test_linear_is_x_times_w_transposed_plus_b(rows, cpu_linear):
+    x, w, b = linear_operands(rows)
+    expected = torch.einsum("bsk,nk->bsn", x.double(), w.double()) + b.double()
+    with torch.no_grad():
+        y = ops.linear(x, w, b)
+        y_no_bias = ops.linear(x, w)
+    assert y.dtype == torch.float32 and y.shape == (2, rows, 40)
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y_no_bias.double(), expected - b.double(), rtol=1e-5, atol=1e-5)
+
+
+LINEAR_ON_VIEWS = """
+import sys
+import torch
+from safetensors.torch import load_file, save_file
+from pytorch_npu import ops
+ops.CPU_ONEDNN_LINEAR = sys.argv[2] == "oneDNN"
+g = torch.Generator().manual_seed(0)
+x, w, b = torch.randn(2, 5, 48, generator=g), torch.randn(40, 48, generator=g), torch.randn(40, generator=g)
+save_file({"a": torch.zeros(3), "b": b, "w": w}, sys.argv[1])
+loaded = load_file(sys.argv[1])  # views into the file's mapping, wherever its header puts them
+assert loaded["w"].data_ptr() % 64 != 0, "the weights were meant to start off a cache line"
+worst = 0.0
+for view in (x[:, -1:], x.transpose(0, 1).contiguous().transpose(0, 1)):
+    expected = view.double() @ w.double().T + b.double()
+    with torch.no_grad():
+        worst = max(worst, float((ops.linear(view, loaded["w"], loaded["b"]).double() - expected).abs().max()))
+print(worst)
+"""
+
+
+def test_linear_takes_views_as_they_come(cpu_linear, tmp_path):
+    # A model's last position (hidden[:, -1:]), a transposed input, and weights memory-mapped from a safetensors
+    # file off a cache-line boundary; in a child process, so that a kernel that crashes on them fails this test only.
+    assert float(run_isolated(LINEAR_ON_VIEWS, str(tmp_path / "w.safetensors"), cpu_linear)) < 1e-5
+
+
+def test_linear_with_gradients_is_f_linear(cpu_linear):
+    x, w, b = (t.requires_grad_() for t in linear_operands(3))
+    ops.linear(x, w, b).square().sum().backward()
+    grads = [t.grad for t in (x, w, b)]
+    xd, wd, bd = (t.detach().double().requires_grad_() for t in (x, w, b))
+    (xd @ wd.T + bd).square().sum().backward()
+    for got, expected in zip(grads, (xd.grad, wd.grad, bd.grad)):
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_linear_in_half_precision_is_f_linear(dtype, cpu_linear):
+    x, w, b = (t.to(dtype) for t in linear_operands(3))
+    with torch.no_grad():
+        assert torch.equal(ops.linear(x, w, b), F.linear(x, w, b))
+
+
+def test_linear_with_mixed_dtypes_is_refused_as_f_linear_refuses_it(cpu_linear):
+    x, w, _ = linear_operands(1)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="dtype"):
+        ops.linear(x, w.bfloat16())
 
 ATTENTION_CASES = {
     # name: (B, Sq, Skv, Nq, Nkv, D, causal, mask)
@@ -198,6 +272,18 @@ def test_rotary_kernel(device_type, chip, head_dim, kernel):
 )
 def test_swiglu_kernel(device_type, chip, kernel):
     assert ops.swiglu_kernel(device_type, chip) == kernel
+
+
+@pytest.mark.parametrize(
+    "device_type, dtype, needs_grad, onednn, kernel",
+    [("cpu", torch.float32, False, True, "onednn"), ("cpu", torch.float32, True, True, "plain"),
+     ("cpu", torch.bfloat16, False, True, "plain"), ("cpu", torch.float16, False, True, "plain"),
+     ("cpu", torch.float32, False, False, "plain"), ("npu", torch.float32, False, True, "plain"),
+     ("cuda", torch.float32, False, True, "plain")],
+)
+def test_linear_kernel(device_type, dtype, needs_grad, onednn, kernel, monkeypatch):
+    monkeypatch.setattr(ops, "CPU_ONEDNN_LINEAR", onednn)
+    assert ops.linear_kernel(device_type, dtype, needs_grad) == kernel
 
 
 # --- call sites against the published schemas ----------------------------------------------------------------------

@@ -20,7 +20,7 @@ from conftest import train_on
 from isolated import run_isolated
 from pytorch_npu import inference, quant
 from pytorch_npu.configuration_telechat import TelechatConfig
-from pytorch_npu.modeling_telechat import TelechatForCausalLM
+from pytorch_npu.modeling_telechat import TelechatForCausalLM, TelechatLinear
 from pytorch_npu.quantize import (compare, input_absmax, load_for_eval, quantize_folder,
                                   quantize_model, smooth)
 from telechat_ascend.cli import build_parser
@@ -344,7 +344,7 @@ def test_keep_float_keeps_the_most_sensitive_linears(trained):
     assert set(record["float_modules"]) == set(sorted(kl, key=kl.get)[-2:])
     assert int8_model.config.quantization["float_modules"] == record["float_modules"]
     for name in quant.quantizable_linears(model):
-        kept = type(int8_model.get_submodule(name)) is nn.Linear
+        kept = type(int8_model.get_submodule(name)) is TelechatLinear
         assert kept == (name in record["float_modules"])
 
 
