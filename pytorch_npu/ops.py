@@ -60,11 +60,12 @@ CPU_ONEDNN_LINEAR = (torch.backends.mkldnn.is_available()
                      and cpu_vendor() not in ("GenuineIntel", ""))
 
 
-def linear_kernel(device_type: str, dtype: torch.dtype, needs_grad: bool) -> str:
+def linear_kernel(device_type: str, dtype: torch.dtype, needs_grad: bool, autocast: bool = False) -> str:
     """"onednn" (torch's `mkldnn._linear_pointwise`, the op torch.compile's CPU backend emits for linear layers) or
-    "plain" (F.linear). oneDNN for fp32 on CPUs where CPU_ONEDNN_LINEAR holds, and only without gradients: the op
-    has no backward. bf16 and fp16 F.linear already run on oneDNN."""
-    if device_type == "cpu" and dtype == torch.float32 and not needs_grad and CPU_ONEDNN_LINEAR:
+    "plain" (F.linear). oneDNN for fp32 on CPUs where CPU_ONEDNN_LINEAR holds, and only without gradients (the op
+    has no backward) and outside autocast (which casts F.linear's operands, not this op's). bf16 and fp16 F.linear
+    already run on oneDNN."""
+    if device_type == "cpu" and dtype == torch.float32 and not (needs_grad or autocast) and CPU_ONEDNN_LINEAR:
         return "onednn"
     return "plain"
 
@@ -74,7 +75,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     same_dtype = weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype)
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                               or (bias is not None and bias.requires_grad))
-    if same_dtype and linear_kernel(_device_type(x), x.dtype, needs_grad) == "onednn":
+    device_type = _device_type(x)
+    autocast = device_type == "cpu" and torch.is_autocast_enabled(device_type)
+    if same_dtype and linear_kernel(device_type, x.dtype, needs_grad, autocast) == "onednn":
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
 

@@ -165,6 +165,14 @@ def test_linear_in_half_precision_is_f_linear(dtype, cpu_linear):
         assert torch.equal(ops.linear(x, w, b), F.linear(x, w, b))
 
 
+def test_linear_under_autocast_is_autocast(cpu_linear):
+    x, w, b = linear_operands(3)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ops.linear(x, w, b)
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, F.linear(x.bfloat16(), w.bfloat16(), b.bfloat16()))
+
+
 def test_linear_with_mixed_dtypes_is_refused_as_f_linear_refuses_it(cpu_linear):
     x, w, _ = linear_operands(1)
     with torch.no_grad(), pytest.raises(RuntimeError, match="dtype"):
@@ -275,15 +283,15 @@ def test_swiglu_kernel(device_type, chip, kernel):
 
 
 @pytest.mark.parametrize(
-    "device_type, dtype, needs_grad, onednn, kernel",
-    [("cpu", torch.float32, False, True, "onednn"), ("cpu", torch.float32, True, True, "plain"),
-     ("cpu", torch.bfloat16, False, True, "plain"), ("cpu", torch.float16, False, True, "plain"),
-     ("cpu", torch.float32, False, False, "plain"), ("npu", torch.float32, False, True, "plain"),
-     ("cuda", torch.float32, False, True, "plain")],
+    "device_type, dtype, needs_grad, autocast, onednn, kernel",
+    [("cpu", torch.float32, False, False, True, "onednn"), ("cpu", torch.float32, True, False, True, "plain"),
+     ("cpu", torch.float32, False, True, True, "plain"), ("cpu", torch.bfloat16, False, False, True, "plain"),
+     ("cpu", torch.float16, False, False, True, "plain"), ("cpu", torch.float32, False, False, False, "plain"),
+     ("npu", torch.float32, False, False, True, "plain"), ("cuda", torch.float32, False, False, True, "plain")],
 )
-def test_linear_kernel(device_type, dtype, needs_grad, onednn, kernel, monkeypatch):
+def test_linear_kernel(device_type, dtype, needs_grad, autocast, onednn, kernel, monkeypatch):
     monkeypatch.setattr(ops, "CPU_ONEDNN_LINEAR", onednn)
-    assert ops.linear_kernel(device_type, dtype, needs_grad) == kernel
+    assert ops.linear_kernel(device_type, dtype, needs_grad, autocast) == kernel
 
 
 # --- call sites against the published schemas ----------------------------------------------------------------------
