@@ -44,6 +44,12 @@ def _chip(device_type: str, chip: str | None) -> str:
     return npu_chip() if device_type == "npu" else device_type
 
 
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd will differentiate through an op on these tensors: the fused kernels without a backward
+    must not run then."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     # Tensor.to costs ~1.5 µs of argument parsing even when it returns x itself; fp32 decoding made four such no-op
     # casts per layer (with the no-op dropout calls, 1.5% of a decode step, measured).
@@ -73,11 +79,9 @@ def linear_kernel(device_type: str, dtype: torch.dtype, needs_grad: bool, autoca
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x · weightᵀ + bias for x [..., K] and weight [N, K], as F.linear."""
     same_dtype = weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype)
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                              or (bias is not None and bias.requires_grad))
     device_type = _device_type(x)
     autocast = device_type == "cpu" and torch.is_autocast_enabled(device_type)
-    if same_dtype and linear_kernel(device_type, x.dtype, needs_grad, autocast) == "onednn":
+    if same_dtype and linear_kernel(device_type, x.dtype, _needs_grad(x, weight, bias), autocast) == "onednn":
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
 
@@ -293,7 +297,7 @@ def attention(
     next_tokens = 0 if causal and sq == skv else MAX_TOKENS
 
     device_type = _device_type(q)
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    needs_grad = _needs_grad(q, k, v)
     kernel = attention_kernel(device_type, _chip(device_type, chip), sq, training=needs_grad or dropout_p > 0)
     if kernel == "npu_fusion_attention":
         args, kwargs = _npu_fusion_attention_args(q, k, v, mask, scale, dropout_p, next_tokens)

@@ -97,7 +97,6 @@ def test_swiglu_is_silu_gate_times_up():
     torch.testing.assert_close(ops.swiglu(gate, up), expected)
 
 
-
 @pytest.fixture(params=["oneDNN", "F.linear"])
 def cpu_linear(request, monkeypatch):
     """Both CPU fp32 linear policies, whichever this machine's vendor selects: both run on any x86 CPU."""
@@ -177,6 +176,7 @@ def test_linear_with_mixed_dtypes_is_refused_as_f_linear_refuses_it(cpu_linear):
     x, w, _ = linear_operands(1)
     with torch.no_grad(), pytest.raises(RuntimeError, match="dtype"):
         ops.linear(x, w.bfloat16())
+
 
 ATTENTION_CASES = {
     # name: (B, Sq, Skv, Nq, Nkv, D, causal, mask)

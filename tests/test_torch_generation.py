@@ -48,7 +48,6 @@ def test_cached_greedy_generation_equals_recomputation(model):
     assert out[0].tolist() == greedy_by_recomputation(model, prompt, 12)
 
 
-
 def test_decoding_on_onednn_gives_what_f_linear_gives(model, monkeypatch):
     """The CPU fp32 linear kernels (ops.linear_kernel) on a whole generation: the same tokens, scores within 1e-5."""
     from pytorch_npu import ops
@@ -63,6 +62,7 @@ def test_decoding_on_onednn_gives_what_f_linear_gives(model, monkeypatch):
     assert torch.equal(runs[0].sequences, runs[1].sequences)
     for scores, reference in zip(runs[0].scores, runs[1].scores):
         torch.testing.assert_close(scores, reference, rtol=1e-5, atol=1e-5)
+
 
 def test_left_padded_batch_generates_like_each_prompt_alone(model):
     prompts = [[20, 300, 301, 302, 303, 304, 21], [20, 500, 21], [20, 700, 701, 21]]
